@@ -1,0 +1,10 @@
+"""Backends of fastweights: the built-in plugins and the registry's public face.
+
+This folder is installed as ``fastweights.backends``. Each built-in backend is a subpackage or
+module here, registered through the ``fastweights.backends`` entry-point group exactly like a
+third-party plugin.
+"""
+
+from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
+
+__all__ = ["Backend", "BackendInfo", "get_backend", "list_backends"]

@@ -1,0 +1,209 @@
+"""Backends: the protocol, entry-point discovery and the choice of a backend for a call.
+
+A backend is any object with the attributes of :class:`Backend`, registered under the
+entry-point group ``fastweights.backends`` (the built-ins register the same way). The choice
+for a call is, in order: the ``backend=`` argument, the innermost :func:`use_backend` context,
+the ``FASTWEIGHTS_BACKEND`` environment variable (a preference that falls back), then the
+available backend of highest priority that accepts the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ._validate import Call
+
+ENTRY_POINT_GROUP = "fastweights.backends"
+ENV_VAR = "FASTWEIGHTS_BACKEND"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What fastweights asks of a backend.
+
+    ``ops`` maps each op it implements (names of ``fastweights._ops.OPS``) to its forms;
+    ``step_ops`` lists the ops it decodes. ``unavailable()`` and ``rejects(call)`` return a
+    reason (str) or None; both must be cheap and must not import heavy modules before needed.
+    ``run(call)`` returns ``(o, final_state)``; ``step(call)`` updates ``call.state_pool``
+    (in place where the namespace allows) and returns ``(o, state)``.
+    """
+
+    name: str
+    priority: int
+    ops: Mapping[str, tuple[str, ...]]
+    step_ops: tuple[str, ...]
+
+    def unavailable(self) -> str | None: ...
+
+    def rejects(self, call: Call) -> str | None: ...
+
+    def run(self, call: Call) -> tuple[Any, Any]: ...
+
+    def step(self, call: Call) -> tuple[Any, Any]: ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of :func:`list_backends`."""
+
+    name: str
+    available: bool
+    reason: str | None
+    priority: int
+    ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    step_ops: tuple[str, ...] = ()
+    source: str = ""
+
+
+_lock = threading.Lock()
+_backends: dict[str, Backend] | None = None
+_broken: dict[str, BackendInfo] = {}
+_current: ContextVar[str | None] = ContextVar("fastweights_backend", default=None)
+
+
+def _load() -> dict[str, Backend]:
+    global _backends
+    if _backends is not None:
+        return _backends
+    with _lock:
+        if _backends is not None:
+            return _backends
+        found: dict[str, Backend] = {}
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in found:
+                continue
+            try:
+                obj = ep.load()
+                if not isinstance(obj, Backend):
+                    raise TypeError(f"{ep.value} does not provide the Backend attributes")
+            except Exception as exc:  # a broken plugin must never break fastweights
+                warnings.warn(
+                    f"fastweights backend plugin {ep.name!r} ({ep.value}) failed to load: "
+                    f"{type(exc).__name__}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _broken[ep.name] = BackendInfo(
+                    ep.name, False, f"failed to load: {type(exc).__name__}: {exc}", 0,
+                    source=ep.value,
+                )
+                continue
+            found[ep.name] = obj
+        if "reference" not in found:
+            # Not installed (a bare source tree): the oracle is always there.
+            from .backends.reference import backend as reference
+
+            found["reference"] = reference
+        _backends = found
+        return found
+
+
+def _reset() -> None:
+    """Forget discovered backends (tests that register fake plugins)."""
+    global _backends
+    with _lock:
+        _backends = None
+        _broken.clear()
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as ``name``; TypeError naming the known ones otherwise."""
+    backends = _load()
+    if name not in backends:
+        known = ", ".join(sorted(backends))
+        why = f" ({_broken[name].reason})" if name in _broken else ""
+        raise TypeError(f"unknown backend {name!r}{why}; known backends: {known}")
+    return backends[name]
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every registered backend, available or not, by descending priority.
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> [b.name for b in fastweights.backends.list_backends() if b.available][-1]
+    'reference'
+    """
+    rows = []
+    for name, b in _load().items():
+        reason = b.unavailable()
+        rows.append(
+            BackendInfo(
+                name, reason is None, reason, b.priority, dict(b.ops), tuple(b.step_ops),
+                type(b).__module__,
+            )
+        )
+    rows.extend(_broken.values())
+    return sorted(rows, key=lambda r: (-r.priority, r.name))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (an explicit choice).
+
+    Examples
+    --------
+    >>> import numpy as np, fastweights
+    >>> q = k = v = np.ones((1, 4, 1, 8))
+    >>> with fastweights.use_backend("reference"):
+    ...     o, _ = fastweights.linear_attn(q, k, v)
+    >>> o.shape
+    (1, 4, 1, 8)
+    """
+    get_backend(name)
+    token = _current.set(name)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _can_run(b: Backend, call: Call) -> str | None:
+    reason = b.unavailable()
+    if reason:
+        return reason
+    ops = b.step_ops if call.is_step else b.ops
+    if call.op not in ops:
+        return f"it does not implement {'decoding for ' if call.is_step else ''}{call.op}"
+    if not call.is_step and call.form != "auto" and call.form not in b.ops[call.op]:
+        return f"it does not implement form={call.form!r} for {call.op}"
+    return b.rejects(call)
+
+
+def select(call: Call, requested: str | None) -> Backend:
+    """The backend that runs ``call``: explicit choices raise, preferences fall back."""
+    explicit = requested if requested is not None else _current.get()
+    if explicit is not None:
+        if not isinstance(explicit, str):
+            raise TypeError(f"backend must be a backend name (str), got {type(explicit).__name__}")
+        b = get_backend(explicit)
+        reason = _can_run(b, call)
+        if reason:
+            raise TypeError(f"backend {explicit!r} cannot run this {call.op} call: {reason}")
+        return b
+    backends = _load()
+    order = sorted(backends.values(), key=lambda b: -b.priority)
+    preferred = os.environ.get(ENV_VAR)
+    if preferred:
+        if preferred in backends:
+            order.remove(backends[preferred])
+            order.insert(0, backends[preferred])
+        else:
+            warnings.warn(
+                f"{ENV_VAR}={preferred!r} names no registered backend; ignoring it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    for b in order:
+        if _can_run(b, call) is None:
+            return b
+    raise TypeError(f"no backend can run this {call.op} call")  # reference accepts all

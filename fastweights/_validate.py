@@ -1,0 +1,410 @@
+"""Every argument check of API.md, run once before any backend sees a call.
+
+The result is a :class:`Call`: the caller's arrays untouched, plus the sizes, the compute dtype
+and host copies of ``cu_seqlens`` / ``state_indices``. Backends may rely on everything a
+``Call`` says; they never see unchecked shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ._ops import OPS, OpSpec, form_unavailable
+
+FORM_CHOICES = ("auto", "recurrent", "chunk", "parallel")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """One validated op call, as a backend receives it.
+
+    Sequence calls have ``q, k: [B, T, H, K]``, ``v: [B, T*n, HV, V]`` (``n`` is
+    ``num_householder``, 1 except for ``delta_product``), gates ``[B, T, HV(, K)]`` and
+    ``beta: [B, T*n, HV(, V)]``. Decoding calls (``state_pool`` set) arrive in the same layout
+    with ``T == 1``.
+    """
+
+    op: str
+    spec: OpSpec
+    xp: ModuleType
+    device: Any
+    q: Any
+    k: Any
+    v: Any
+    g: Any = None
+    gk: Any = None
+    beta: Any = None
+    initial_state: Any = None
+    """``[N, HV, K, V]``; for ``linear_attn(normalize=True)`` the pair ``(S, z)``."""
+    scale: float
+    normalize: bool = False
+    num_householder: int = 1
+    use_qk_l2norm: bool = False
+    output_final_state: bool = False
+    cu_seqlens: np.ndarray | None = None
+    """Host int64 copy of ``cu_seqlens``."""
+    form: str = "auto"
+    chunk_size: int = 64
+    dtype: Any
+    """Compute dtype of the namespace: float64 if any float input is, else float32."""
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    N: int
+    state_pool: Any = None
+    """Decoding: the pool ``[P, HV, K, V]`` (a pair for normalised linear attention)."""
+    state_indices: np.ndarray | None = None
+    """Decoding: host int64 rows of the pool, distinct and in range; None means arange(N)."""
+
+    @property
+    def beta_per_value(self) -> bool:
+        return self.beta is not None and self.beta.ndim == 4
+
+    @property
+    def gate(self) -> Any:
+        """The log-decay array (``g`` or ``gk``), or None."""
+        return self.gk if self.spec.gate == "gk" else self.g
+
+    @property
+    def is_step(self) -> bool:
+        return self.state_pool is not None
+
+
+def _namespace(name: str, x: Any) -> ModuleType:
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an array of an Array API library (NumPy, CuPy, torch, JAX, ...), "
+            f"got {type(x).__name__}"
+        ) from None
+
+
+def _float_kind(name: str, x: Any, xp: ModuleType) -> Any:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    return x.dtype
+
+
+def _check_arrays(arrays: dict[str, Any]) -> tuple[ModuleType, Any, Any]:
+    """Common namespace, device and compute dtype of the named arrays."""
+    first_name, first = next(iter(arrays.items()))
+    xp = _namespace(first_name, first)
+    dev = array_api_compat.device(first)
+    wide = False
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        other = _namespace(name, x)
+        if other is not xp:
+            raise TypeError(
+                f"{name} is a {other.__name__} array but {first_name} is a {xp.__name__} "
+                "array; pass arrays of one library"
+            )
+        if array_api_compat.device(x) != dev:
+            raise TypeError(
+                f"{name} is on device {array_api_compat.device(x)} but {first_name} is on "
+                f"{dev}; move the arrays to one device first"
+            )
+        wide |= _float_kind(name, x, xp) == xp.float64
+    return xp, dev, xp.float64 if wide else xp.float32
+
+
+def _shape_error(name: str, expected: str, x: Any) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+def _check_shape(name: str, x: Any, expected: tuple[int, ...], labels: str) -> None:
+    if tuple(x.shape) != expected:
+        raise _shape_error(name, f"{labels} = {expected}", x)
+
+
+def _check_scale(scale: Any, K: int) -> float:
+    if scale is None:
+        return K**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def to_host_ints(name: str, x: Any, error: type[Exception]) -> np.ndarray:
+    """An integer array-like of any namespace as a host int64 NumPy array."""
+    try:
+        if array_api_compat.is_cupy_array(x):
+            host = x.get()
+        elif array_api_compat.is_torch_array(x):
+            host = x.detach().cpu().numpy()
+        else:
+            try:
+                host = np.asarray(x)
+            except (TypeError, ValueError, RuntimeError):
+                host = np.from_dlpack(x)
+    except Exception as exc:
+        raise error(f"{name} must be an integer array-like, got {type(x).__name__}") from exc
+    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
+        raise error(f"{name} must have an integer dtype, got {host.dtype}")
+    return host.astype(np.int64)
+
+
+def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray:
+    cu = to_host_ints("cu_seqlens", cu_seqlens, ValueError)
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {tuple(cu.shape)}"
+        )
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs B == 1 (sequences packed along T), got B = {B}")
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got {cu[-1]}")
+    if np.any(np.diff(cu) < 0):
+        at = int(np.argmax(np.diff(cu) < 0))
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got {cu[at]} then {cu[at + 1]} at index {at}"
+        )
+    return cu
+
+
+def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
+    # NaN compares False and passes: values are not checked (API.md).
+    if bool(xp.any(x > 0)):
+        raise ValueError(f"{name} is a log-decay and must be <= 0 (decay = exp({name}) <= 1)")
+
+
+def _check_state(
+    name: str, state: Any, spec: OpSpec, normalize: bool, rows: int, HV: int, K: int, V: int,
+    rows_label: str,
+) -> dict[str, Any]:
+    """Shapes of a state (or state pool); returns its arrays by name for the dtype check."""
+    if normalize:
+        if not isinstance(state, tuple | list) or len(state) != 2:
+            raise TypeError(
+                f"{name} of linear_attn(normalize=True) must be the pair (S, z), "
+                f"got {type(state).__name__}"
+            )
+        S, z = state
+        _check_shape(f"{name}[0]", S, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
+        _check_shape(f"{name}[1]", z, (rows, HV, K), f"[{rows_label}, HV, K]")
+        return {f"{name}[0]": S, f"{name}[1]": z}
+    if isinstance(state, tuple | list):
+        raise TypeError(f"{name} must be an array for {spec.name}, got a {type(state).__name__}")
+    _check_shape(name, state, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
+    return {name: state}
+
+
+def _check_rank(name: str, x: Any, rank: int, labels: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank} {labels}, got shape {tuple(x.shape)}")
+
+
+def validate(
+    op: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    g: Any = None,
+    gk: Any = None,
+    beta: Any = None,
+    scale: Any = None,
+    initial_state: Any = None,
+    output_final_state: bool = False,
+    cu_seqlens: Any = None,
+    use_qk_l2norm: bool = False,
+    form: str = "auto",
+    chunk_size: Any = 64,
+    normalize: bool = False,
+    num_householder: Any = 1,
+) -> Call:
+    """Check a sequence call of ``op`` against API.md and describe it as a :class:`Call`."""
+    spec = OPS[op]
+    if spec.gate == "g" and not spec.gate_optional and g is None:
+        raise TypeError(f"{op} needs the log-decay g, got None")
+    if spec.gate == "gk" and gk is None:
+        raise TypeError(f"{op} needs the per-channel log-decay gk, got None")
+    if spec.has_beta and beta is None:
+        raise TypeError(f"{op} needs beta, got None")
+    named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
+    for name, x in named.items():
+        if x is not None:
+            _namespace(name, x)
+    _check_rank("q", q, 4, "[B, T, H, K]")
+    B, T, H, K = (int(d) for d in q.shape)
+    n = _check_int("num_householder", num_householder, 1) if op == "delta_product" else 1
+    rows, rows_label = T * n, ("T" if n == 1 else "T * num_householder")
+    _check_rank("k", k, 4, "[B, T, H, K]")
+    _check_shape("k", k, (B, rows, H, K), f"[B, {rows_label}, H, K]")
+    _check_rank("v", v, 4, "[B, T, HV, V]")
+    if tuple(v.shape[:2]) != (B, rows):
+        raise _shape_error("v", f"[B, {rows_label}, HV, V] with B, {rows_label} = {B, rows}", v)
+    HV, V = int(v.shape[2]), int(v.shape[3])
+    if HV == 0 or H == 0 or HV % H:
+        raise ValueError(
+            f"the value heads HV = {HV} (v.shape[2]) must be a positive multiple of the "
+            f"query/key heads H = {H} (q.shape[2])"
+        )
+    if g is not None:
+        _check_shape("g", g, (B, T, HV), "[B, T, HV]")
+    if gk is not None:
+        _check_shape("gk", gk, (B, T, HV, K), "[B, T, HV, K]")
+    if beta is not None:
+        if beta.ndim == 4:
+            _check_shape("beta", beta, (B, rows, HV, V), f"[B, {rows_label}, HV, V]")
+        else:
+            _check_shape("beta", beta, (B, rows, HV), f"[B, {rows_label}, HV] or [..., V]")
+    cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
+    N = B if cu is None else int(cu.shape[0]) - 1
+    states: dict[str, Any] = {}
+    if initial_state is not None:
+        states = _check_state("initial_state", initial_state, spec, normalize, N, HV, K, V, "N")
+    if not isinstance(form, str) or form not in FORM_CHOICES:
+        raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
+    chunk = _check_int("chunk_size", chunk_size, 1)
+    scale_value = _check_scale(scale, K)
+    xp, dev, dtype = _check_arrays({**{n_: x for n_, x in named.items() if x is not None},
+                                    **states})
+    if form != "auto":
+        reason = form_unavailable(
+            op, form, packed=cu is not None, beta_per_value=beta is not None and beta.ndim == 4
+        )
+        if reason:
+            raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
+    for name in ("g", "gk"):
+        if named[name] is not None:
+            _check_gate_sign(name, named[name], xp)
+    return Call(
+        op=op, spec=spec, xp=xp, device=dev, q=q, k=k, v=v, g=g, gk=gk, beta=beta,
+        initial_state=initial_state, scale=scale_value, normalize=bool(normalize),
+        num_householder=n, use_qk_l2norm=bool(use_qk_l2norm),
+        output_final_state=bool(output_final_state), cu_seqlens=cu, form=form,
+        chunk_size=chunk, dtype=dtype, B=B, T=T, H=H, HV=HV, K=K, V=V, N=N,
+    )
+
+
+def validate_step(
+    op: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    state: Any,
+    *,
+    g: Any = None,
+    gk: Any = None,
+    beta: Any = None,
+    scale: Any = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    normalize: bool = False,
+) -> Call:
+    """Check a one-token decoding call and describe it as a :class:`Call` with ``T == 1``."""
+    spec = OPS[op]
+    named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
+    for name, x in named.items():
+        if x is not None:
+            _namespace(name, x)
+    _check_rank("q", q, 3, "[N, H, K]")
+    N, H, K = (int(d) for d in q.shape)
+    product = op == "delta_product"
+    if product:
+        _check_rank("k", k, 4, "[N, n, H, K]")
+        n = int(k.shape[1])
+        if n < 1:
+            raise ValueError(f"k must have at least one delta step (k.shape[1]), got {n}")
+        _check_shape("k", k, (N, n, H, K), "[N, n, H, K]")
+        _check_rank("v", v, 4, "[N, n, HV, V]")
+        if tuple(v.shape[:2]) != (N, n):
+            raise _shape_error("v", f"[N, n, HV, V] with N, n = {N, n}", v)
+        HV, V = int(v.shape[2]), int(v.shape[3])
+    else:
+        n = 1
+        _check_shape("k", k, (N, H, K), "[N, H, K]")
+        _check_rank("v", v, 3, "[N, HV, V]")
+        if int(v.shape[0]) != N:
+            raise _shape_error("v", f"[N, HV, V] with N = {N}", v)
+        HV, V = int(v.shape[1]), int(v.shape[2])
+    if HV == 0 or H == 0 or HV % H:
+        raise ValueError(
+            f"the value heads HV = {HV} must be a positive multiple of the query/key heads H = {H}"
+        )
+    if spec.gate == "g" and not spec.gate_optional and g is None:
+        raise TypeError(f"{op} needs the log-decay g, got None")
+    if spec.gate == "gk" and gk is None:
+        raise TypeError(f"{op} needs the per-channel log-decay gk, got None")
+    if spec.has_beta and beta is None:
+        raise TypeError(f"{op} needs beta, got None")
+    if g is not None:
+        _check_shape("g", g, (N, HV), "[N, HV]")
+    if gk is not None:
+        _check_shape("gk", gk, (N, HV, K), "[N, HV, K]")
+    lead = (N, n) if product else (N,)
+    lead_label = "N, n" if product else "N"
+    if beta is not None:
+        if beta.ndim == len(lead) + 2:
+            _check_shape("beta", beta, (*lead, HV, V), f"[{lead_label}, HV, V]")
+        else:
+            _check_shape("beta", beta, (*lead, HV), f"[{lead_label}, HV] or [..., V]")
+    if state is None:
+        raise TypeError(f"{op} decoding needs the state pool, got None")
+    S = state[0] if normalize and isinstance(state, tuple | list) else state
+    if isinstance(S, tuple | list) or not hasattr(S, "shape") or len(S.shape) != 4:
+        _check_state("state", state, spec, normalize, N, HV, K, V, "P")
+    P = int(S.shape[0])
+    states = _check_state("state", state, spec, normalize, P, HV, K, V, "P")
+    scale_value = _check_scale(scale, K)
+    xp, dev, dtype = _check_arrays({**{n_: x for n_, x in named.items() if x is not None},
+                                    **states})
+    for name, pool in states.items():
+        if pool.dtype not in (xp.float32, xp.float64):
+            raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
+    idx = None
+    if state_indices is None:
+        if P != N:
+            raise ValueError(
+                f"without state_indices the state pool must have N = {N} rows, got P = {P}"
+            )
+    else:
+        idx = to_host_ints("state_indices", state_indices, ValueError)
+        if idx.shape != (N,):
+            raise ValueError(f"state_indices must have shape (N,) = ({N},), got {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= P):
+            raise ValueError(f"state_indices must lie in [0, P) = [0, {P}), got {idx.min()}..{idx.max()}")
+        if np.unique(idx).size != idx.size:
+            raise ValueError("state_indices must be distinct: two rows would update one state")
+    for name in ("g", "gk"):
+        if named[name] is not None:
+            _check_gate_sign(name, named[name], xp)
+    # The sequence layout with T == 1: views, no copies.
+    q1, k1 = q[:, None, ...], (k if product else k[:, None, ...])
+    v1 = v if product else v[:, None, ...]
+    g1 = None if g is None else g[:, None, ...]
+    gk1 = None if gk is None else gk[:, None, ...]
+    beta1 = None if beta is None else (beta if product else beta[:, None, ...])
+    return Call(
+        op=op, spec=spec, xp=xp, device=dev, q=q1, k=k1, v=v1, g=g1, gk=gk1, beta=beta1,
+        scale=scale_value, normalize=bool(normalize), num_householder=n,
+        use_qk_l2norm=bool(use_qk_l2norm), output_final_state=True, form="recurrent",
+        dtype=dtype, B=N, T=1, H=H, HV=HV, K=K, V=V, N=N, state_pool=state,
+        state_indices=idx,
+    )
+
+
+__all__ = ["Call", "validate", "validate_step", "to_host_ints", "math"]
