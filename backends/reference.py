@@ -7,7 +7,7 @@ other backends are tested against.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from fastweights import rules
 from fastweights._ops import OPS
@@ -17,7 +17,7 @@ from fastweights._validate import Call
 class ReferenceBackend:
     name = "reference"
     priority = 0
-    ops = {op: spec.forms for op, spec in OPS.items()}
+    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: spec.forms for op, spec in OPS.items()}
     step_ops = tuple(OPS)
 
     def unavailable(self) -> str | None:

@@ -59,9 +59,7 @@ _NO_PARALLEL = {
 }
 
 
-def form_unavailable(
-    op: str, form: str, *, packed: bool, beta_per_value: bool
-) -> str | None:
+def form_unavailable(op: str, form: str, *, packed: bool, beta_per_value: bool) -> str | None:
     """Why ``op`` has no ``form`` for such a call, or None when it has it."""
     if form == "recurrent":
         return None

@@ -92,7 +92,10 @@ def _load() -> dict[str, Backend]:
                     stacklevel=3,
                 )
                 _broken[ep.name] = BackendInfo(
-                    ep.name, False, f"failed to load: {type(exc).__name__}: {exc}", 0,
+                    ep.name,
+                    False,
+                    f"failed to load: {type(exc).__name__}: {exc}",
+                    0,
                     source=ep.value,
                 )
                 continue
@@ -138,7 +141,12 @@ def list_backends() -> list[BackendInfo]:
         reason = b.unavailable()
         rows.append(
             BackendInfo(
-                name, reason is None, reason, b.priority, dict(b.ops), tuple(b.step_ops),
+                name,
+                reason is None,
+                reason,
+                b.priority,
+                dict(b.ops),
+                tuple(b.step_ops),
                 type(b).__module__,
             )
         )

@@ -7,7 +7,6 @@ and host copies of ``cu_seqlens`` / ``state_indices``. Backends may rely on ever
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from types import ModuleType
@@ -191,7 +190,14 @@ def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
 
 
 def _check_state(
-    name: str, state: Any, spec: OpSpec, normalize: bool, rows: int, HV: int, K: int, V: int,
+    name: str,
+    state: Any,
+    spec: OpSpec,
+    normalize: bool,
+    rows: int,
+    HV: int,
+    K: int,
+    V: int,
     rows_label: str,
 ) -> dict[str, Any]:
     """Shapes of a state (or state pool); returns its arrays by name for the dtype check."""
@@ -280,8 +286,9 @@ def validate(
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
     chunk = _check_int("chunk_size", chunk_size, 1)
     scale_value = _check_scale(scale, K)
-    xp, dev, dtype = _check_arrays({**{n_: x for n_, x in named.items() if x is not None},
-                                    **states})
+    xp, dev, dtype = _check_arrays(
+        {**{n_: x for n_, x in named.items() if x is not None}, **states}
+    )
     if form != "auto":
         reason = form_unavailable(
             op, form, packed=cu is not None, beta_per_value=beta is not None and beta.ndim == 4
@@ -292,11 +299,33 @@ def validate(
         if named[name] is not None:
             _check_gate_sign(name, named[name], xp)
     return Call(
-        op=op, spec=spec, xp=xp, device=dev, q=q, k=k, v=v, g=g, gk=gk, beta=beta,
-        initial_state=initial_state, scale=scale_value, normalize=bool(normalize),
-        num_householder=n, use_qk_l2norm=bool(use_qk_l2norm),
-        output_final_state=bool(output_final_state), cu_seqlens=cu, form=form,
-        chunk_size=chunk, dtype=dtype, B=B, T=T, H=H, HV=HV, K=K, V=V, N=N,
+        op=op,
+        spec=spec,
+        xp=xp,
+        device=dev,
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        gk=gk,
+        beta=beta,
+        initial_state=initial_state,
+        scale=scale_value,
+        normalize=bool(normalize),
+        num_householder=n,
+        use_qk_l2norm=bool(use_qk_l2norm),
+        output_final_state=bool(output_final_state),
+        cu_seqlens=cu,
+        form=form,
+        chunk_size=chunk,
+        dtype=dtype,
+        B=B,
+        T=T,
+        H=H,
+        HV=HV,
+        K=K,
+        V=V,
+        N=N,
     )
 
 
@@ -370,8 +399,9 @@ def validate_step(
     P = int(S.shape[0])
     states = _check_state("state", state, spec, normalize, P, HV, K, V, "P")
     scale_value = _check_scale(scale, K)
-    xp, dev, dtype = _check_arrays({**{n_: x for n_, x in named.items() if x is not None},
-                                    **states})
+    xp, dev, dtype = _check_arrays(
+        {**{n_: x for n_, x in named.items() if x is not None}, **states}
+    )
     for name, pool in states.items():
         if pool.dtype not in (xp.float32, xp.float64):
             raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
@@ -386,7 +416,10 @@ def validate_step(
         if idx.shape != (N,):
             raise ValueError(f"state_indices must have shape (N,) = ({N},), got {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= P):
-            raise ValueError(f"state_indices must lie in [0, P) = [0, {P}), got {idx.min()}..{idx.max()}")
+            raise ValueError(
+                f"state_indices must lie in [0, P) = [0, {P}), got values from {idx.min()} "
+                f"to {idx.max()}"
+            )
         if np.unique(idx).size != idx.size:
             raise ValueError("state_indices must be distinct: two rows would update one state")
     for name in ("g", "gk"):
@@ -399,12 +432,33 @@ def validate_step(
     gk1 = None if gk is None else gk[:, None, ...]
     beta1 = None if beta is None else (beta if product else beta[:, None, ...])
     return Call(
-        op=op, spec=spec, xp=xp, device=dev, q=q1, k=k1, v=v1, g=g1, gk=gk1, beta=beta1,
-        scale=scale_value, normalize=bool(normalize), num_householder=n,
-        use_qk_l2norm=bool(use_qk_l2norm), output_final_state=True, form="recurrent",
-        dtype=dtype, B=N, T=1, H=H, HV=HV, K=K, V=V, N=N, state_pool=state,
+        op=op,
+        spec=spec,
+        xp=xp,
+        device=dev,
+        q=q1,
+        k=k1,
+        v=v1,
+        g=g1,
+        gk=gk1,
+        beta=beta1,
+        scale=scale_value,
+        normalize=bool(normalize),
+        num_householder=n,
+        use_qk_l2norm=bool(use_qk_l2norm),
+        output_final_state=True,
+        form="recurrent",
+        dtype=dtype,
+        B=N,
+        T=1,
+        H=H,
+        HV=HV,
+        K=K,
+        V=V,
+        N=N,
+        state_pool=state,
         state_indices=idx,
     )
 
 
-__all__ = ["Call", "validate", "validate_step", "to_host_ints", "math"]
+__all__ = ["Call", "to_host_ints", "validate", "validate_step"]

@@ -49,32 +49,69 @@ def _run(call: Call, backend: str | None) -> tuple[Any, Any]:
 
 
 def linear_attn(
-    q: Any, k: Any, v: Any, state: Any, *, normalize: bool = False, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    state: Any,
+    *,
+    normalize: bool = False,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.linear_attn`; with ``normalize`` ``state`` is ``(S, z)``."""
     call = validate_step(
-        "linear_attn", q, k, v, state, scale=scale, state_indices=state_indices,
-        use_qk_l2norm=use_qk_l2norm, normalize=normalize,
+        "linear_attn",
+        q,
+        k,
+        v,
+        state,
+        scale=scale,
+        state_indices=state_indices,
+        use_qk_l2norm=use_qk_l2norm,
+        normalize=normalize,
     )
     return _run(call, backend)
 
 
 def simple_gla(
-    q: Any, k: Any, v: Any, g: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.simple_gla`; ``g: [N, HV]``."""
     call = validate_step(
-        "simple_gla", q, k, v, state, g=g, scale=scale, state_indices=state_indices,
+        "simple_gla",
+        q,
+        k,
+        v,
+        state,
+        g=g,
+        scale=scale,
+        state_indices=state_indices,
         use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
 def retention(
-    q: Any, k: Any, v: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.retention` (``g_h = log(1 - 2**(-5-h))``)."""
     import math
@@ -92,62 +129,141 @@ def retention(
         xp.asarray(heads, dtype=xp.float64 if wide else xp.float32, device=device(v)), (N, HV)
     )
     return simple_gla(
-        q, k, v, g, state, scale=scale, state_indices=state_indices,
-        use_qk_l2norm=use_qk_l2norm, backend=backend,
+        q,
+        k,
+        v,
+        g,
+        state,
+        scale=scale,
+        state_indices=state_indices,
+        use_qk_l2norm=use_qk_l2norm,
+        backend=backend,
     )
 
 
 def gla(
-    q: Any, k: Any, v: Any, gk: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    gk: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.gla`; ``gk: [N, HV, K]``."""
     call = validate_step(
-        "gla", q, k, v, state, gk=gk, scale=scale, state_indices=state_indices,
+        "gla",
+        q,
+        k,
+        v,
+        state,
+        gk=gk,
+        scale=scale,
+        state_indices=state_indices,
         use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
 def delta_rule(
-    q: Any, k: Any, v: Any, beta: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    beta: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.delta_rule`; ``beta: [N, HV]`` or ``[N, HV, V]``."""
     call = validate_step(
-        "delta_rule", q, k, v, state, beta=beta, scale=scale, state_indices=state_indices,
+        "delta_rule",
+        q,
+        k,
+        v,
+        state,
+        beta=beta,
+        scale=scale,
+        state_indices=state_indices,
         use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
 def gated_delta_rule(
-    q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    beta: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.gated_delta_rule`; ``g, beta: [N, HV]``."""
     call = validate_step(
-        "gated_delta_rule", q, k, v, state, g=g, beta=beta, scale=scale,
-        state_indices=state_indices, use_qk_l2norm=use_qk_l2norm,
+        "gated_delta_rule",
+        q,
+        k,
+        v,
+        state,
+        g=g,
+        beta=beta,
+        scale=scale,
+        state_indices=state_indices,
+        use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
 def kda(
-    q: Any, k: Any, v: Any, gk: Any, beta: Any, state: Any, *, scale: float | None = None,
-    state_indices: Any = None, use_qk_l2norm: bool = False, backend: str | None = None,
+    q: Any,
+    k: Any,
+    v: Any,
+    gk: Any,
+    beta: Any,
+    state: Any,
+    *,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.kda`; ``gk: [N, HV, K]``, ``beta: [N, HV]``."""
     call = validate_step(
-        "kda", q, k, v, state, gk=gk, beta=beta, scale=scale, state_indices=state_indices,
+        "kda",
+        q,
+        k,
+        v,
+        state,
+        gk=gk,
+        beta=beta,
+        scale=scale,
+        state_indices=state_indices,
         use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
 def delta_product(
-    q: Any, k: Any, v: Any, beta: Any, state: Any, *, g: Any = None,
-    scale: float | None = None, state_indices: Any = None, use_qk_l2norm: bool = False,
+    q: Any,
+    k: Any,
+    v: Any,
+    beta: Any,
+    state: Any,
+    *,
+    g: Any = None,
+    scale: float | None = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
     backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.delta_product`; ``k: [N, n, H, K]``, ``v: [N, n, HV, V]``.
@@ -155,13 +271,29 @@ def delta_product(
     ``beta: [N, n, HV]`` (or ``[N, n, HV, V]``), ``g: [N, HV]`` optional.
     """
     call = validate_step(
-        "delta_product", q, k, v, state, g=g, beta=beta, scale=scale,
-        state_indices=state_indices, use_qk_l2norm=use_qk_l2norm,
+        "delta_product",
+        q,
+        k,
+        v,
+        state,
+        g=g,
+        beta=beta,
+        scale=scale,
+        state_indices=state_indices,
+        use_qk_l2norm=use_qk_l2norm,
     )
     return _run(call, backend)
 
 
-for _f in (linear_attn, simple_gla, retention, gla, delta_rule, gated_delta_rule, kda,
-           delta_product):
+for _f in (
+    linear_attn,
+    simple_gla,
+    retention,
+    gla,
+    delta_rule,
+    gated_delta_rule,
+    kda,
+    delta_product,
+):
     _f.__doc__ = (_f.__doc__ or "") + "\n" + _KEYWORDS
 del _f

@@ -25,7 +25,7 @@ from ._layout import prepare
 from .chunk import chunk
 from .recurrent import recurrent
 
-__all__ = ["run", "step", "auto_form"]
+__all__ = ["auto_form", "run", "step"]
 
 
 def auto_form(call: Call) -> str:
@@ -62,5 +62,5 @@ def step(call: Call) -> tuple[Any, Any]:
     )
     o, final = run(sequence)
     finals = final if call.normalize else (final,)
-    written = tuple(write_rows(xp, pool, idx, new) for pool, new in zip(pools, finals))
+    written = tuple(write_rows(xp, pool, idx, new) for pool, new in zip(pools, finals, strict=True))
     return o[:, 0, ...], (written if call.normalize else written[0])

@@ -95,7 +95,7 @@ def prepare(call: Call) -> tuple[Problem, Any]:
     if call.normalize:
         # The normaliser z_t = sum k is one more value column of ones.
         v = xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=dt, device=dev)], axis=-1)
-    B, T, HV = call.B, call.T, call.HV
+    B, T = call.B, call.T
     if n > 1 or call.op == "delta_product":
         # Interleave: step j of token t is row t*n + j; decay before the first step,
         # read after the last.
@@ -160,4 +160,3 @@ def pad_to_multiple(xp: ModuleType, x: Any, axis: int, multiple: int) -> Any:
     shape[axis] = extra
     zero = xp.zeros(tuple(shape), dtype=x.dtype, device=device(x))
     return xp.concat([x, zero], axis=axis)
-

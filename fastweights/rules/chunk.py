@@ -120,6 +120,12 @@ def solve_unit_lower(xp: ModuleType, A: Any, R: Any) -> Any:
     return R if solved is None else solved
 
 
+def _to_chunks(xp: ModuleType, x: Any, C: int) -> Any:
+    """``[N, HV, R, D]`` -> ``[N, HV, ceil(R / C), C, D]``, zero-padded."""
+    x = pad_to_multiple(xp, x, 2, C)
+    return xp.reshape(x, (*x.shape[:2], x.shape[2] // C, C, x.shape[-1]))
+
+
 def chunk(p: Problem, chunk_size: int, *, one_chunk: bool = False) -> tuple[Any, Any]:
     """Run the general rule chunk by chunk; returns ``(o [N, HV, R, V], final state)``.
 
@@ -132,15 +138,10 @@ def chunk(p: Problem, chunk_size: int, *, one_chunk: bool = False) -> tuple[Any,
     if R == 0:
         return xp.zeros((N, HV, 0, p.v.shape[-1]), dtype=S.dtype, device=device(S)), S
     C = R if one_chunk else min(chunk_size, R)
-    q, k, v, g, beta = (
-        None if x is None else pad_to_multiple(xp, x, 2, C)
-        for x in (p.q, p.k, p.v, p.log_decay, p.beta)
-    )
-    nc = q.shape[2] // C
-    q, k, v, g, beta = (
-        None if x is None else xp.reshape(x, (N, HV, nc, C, x.shape[-1]))
-        for x in (q, k, v, g, beta)
-    )
+    q, k, v = (_to_chunks(xp, x, C) for x in (p.q, p.k, p.v))
+    g = None if p.log_decay is None else _to_chunks(xp, p.log_decay, C)
+    beta = None if p.beta is None else _to_chunks(xp, p.beta, C)
+    nc = q.shape[2]
     if g is None:
         q_decay = k_decay = total = None
     else:
@@ -157,7 +158,7 @@ def chunk(p: Problem, chunk_size: int, *, one_chunk: bool = False) -> tuple[Any,
         A = decayed_scores(xp, k, k, g, strict=True) * beta
         kb = beta * (k if q_decay is None else k * q_decay)
         rhs = xp.concat([kb, beta * v], axis=-1)
-        if not one_chunk and C < rhs.shape[-1]:
+        if not one_chunk and rhs.shape[-1] > C:
             # Cheaper to solve for the C x C inverse and multiply (SPEC's T = (I + A)^-1).
             eye = xp.eye(C, dtype=A.dtype, device=device(A))
             X = xp.matmul(solve_unit_lower(xp, A, xp.broadcast_to(eye, A.shape)), rhs)
@@ -166,9 +167,9 @@ def chunk(p: Problem, chunk_size: int, *, one_chunk: bool = False) -> tuple[Any,
         W, U = X[..., :K], X[..., K:]
     outputs = []
     for c in range(nc):
-        u = U[:, :, c] if W is None else U[:, :, c] - xp.matmul(W[:, :, c], S)
-        outputs.append(xp.matmul(qd[:, :, c], S) + xp.matmul(scores[:, :, c], u))
+        u = U[:, :, c, ...] if W is None else U[:, :, c, ...] - xp.matmul(W[:, :, c, ...], S)
+        outputs.append(xp.matmul(qd[:, :, c, ...], S) + xp.matmul(scores[:, :, c, ...], u))
         if total is not None:
             S = S * total[:, :, c, :, None]
-        S = S + xp.matmul(xp.matrix_transpose(kd[:, :, c]), u)
+        S = S + xp.matmul(xp.matrix_transpose(kd[:, :, c, ...]), u)
     return xp.concat(outputs, axis=2)[:, :, :R, :], S

@@ -39,4 +39,3 @@ def recurrent(p: Problem) -> tuple[Any, Any]:
         N, HV, _, V = p.v.shape
         return xp.zeros((N, HV, 0, V), dtype=S.dtype, device=device(S)), S
     return xp.concat(outputs, axis=2), S
-
