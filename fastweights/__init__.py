@@ -42,7 +42,7 @@ def _alias_source_backends() -> None:
 
 _alias_source_backends()
 
-from . import backends, step  # type: ignore[attr-defined]  # noqa: E402
+from . import backends, step  # noqa: E402
 from ._api import (  # noqa: E402
     delta_product,
     delta_rule,

@@ -1,0 +1,370 @@
+"""Calls of the public ops as data: golden cases and random inputs with awkward shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._tolerance import assert_close, to_namespace, to_numpy, tolerance
+
+#: Positional arguments of every op, in order; other arrays are passed as keywords.
+ARG_ORDER: dict[str, tuple[str, ...]] = {
+    "linear_attn": ("q", "k", "v"),
+    "simple_gla": ("q", "k", "v", "g"),
+    "retention": ("q", "k", "v"),
+    "gla": ("q", "k", "v", "gk"),
+    "delta_rule": ("q", "k", "v", "beta"),
+    "gated_delta_rule": ("q", "k", "v", "g", "beta"),
+    "delta_product": ("q", "k", "v", "beta"),
+    "kda": ("q", "k", "v", "gk", "beta"),
+}
+
+OPS: tuple[str, ...] = tuple(ARG_ORDER)
+
+#: Ops without a parallel form (SPEC section 2).
+NO_PARALLEL: frozenset[str] = frozenset({"gla", "kda", "delta_product"})
+
+_INT_ARRAYS = frozenset({"cu_seqlens", "state_indices"})
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a public op, with its inputs held as float64 NumPy arrays.
+
+    Attributes
+    ----------
+    op : str
+        Name of the op (``fastweights.<op>``).
+    arrays : dict
+        Array arguments under their API names (``q k v g gk beta initial_state cu_seqlens``);
+        ``initial_state`` is a pair ``(S, z)`` for ``linear_attn(normalize=True)``.
+    kwargs : dict
+        Non-array keywords (``scale``, ``normalize``, ``use_qk_l2norm``, ``num_householder``).
+    """
+
+    op: str
+    arrays: dict[str, Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_value_beta(self) -> bool:
+        """Whether ``beta`` has a value axis (``[B, T, HV, V]``)."""
+        beta = self.arrays.get("beta")
+        return beta is not None and beta.ndim == 4
+
+    @property
+    def varlen(self) -> bool:
+        """Whether the call packs sequences with ``cu_seqlens``."""
+        return self.arrays.get("cu_seqlens") is not None
+
+    def unavailable_form(self, form: str) -> str | None:
+        """Why ``form`` cannot compute this call (API.md), or None when it can."""
+        if form == "parallel" and self.op in NO_PARALLEL:
+            return f"{self.op} has no parallel form"
+        if form == "parallel" and self.varlen:
+            return "the parallel form does not take cu_seqlens"
+        if form in ("chunk", "parallel") and self.per_value_beta:
+            return "per-value beta has no chunk or parallel form"
+        return None
+
+    def forms(self, offered: Sequence[str]) -> list[str]:
+        """The forms in ``offered`` that can compute this call, then ``"auto"``."""
+        usable = [f for f in offered if f != "auto" and self.unavailable_form(f) is None]
+        return [*usable, "auto"]
+
+    def cast(self, dtype: Any) -> Call:
+        """A copy with every floating array converted to ``dtype`` (a NumPy dtype)."""
+
+        def conv(name: str, x: Any) -> Any:
+            if x is None or name in _INT_ARRAYS:
+                return x
+            if isinstance(x, tuple):
+                return tuple(np.asarray(a, dtype=dtype) for a in x)
+            return np.asarray(x, dtype=dtype)
+
+        return replace(self, arrays={n: conv(n, x) for n, x in self.arrays.items()})
+
+    def arguments(self, xp: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments for the op, as arrays of namespace ``xp``."""
+        conv = {n: to_namespace(x, xp) for n, x in self.arrays.items() if x is not None}
+        args = tuple(conv.pop(n) for n in ARG_ORDER[self.op])
+        return args, {**conv, **self.kwargs}
+
+    def run(self, fn: Callable[..., Any], xp: Any = None, **extra: Any) -> tuple[Any, Any]:
+        """Call ``fn`` (an op with this call's signature) and return ``(o, final_state)``."""
+        args, kwargs = self.arguments(xp)
+        return fn(*args, **kwargs, **extra)
+
+    def expected(self) -> tuple[np.ndarray, Any]:
+        """``(o, final_state)`` of the naive float64 loop on these inputs."""
+        from . import naive
+
+        return self.run(getattr(naive, self.op), output_final_state=True)
+
+
+@dataclass(frozen=True)
+class GoldenCase(Call):
+    """A vendored golden case: a :class:`Call` with its float64 expected results.
+
+    Attributes
+    ----------
+    name : str
+        Case name (the ``.npz`` file stem).
+    o : numpy.ndarray
+        Expected output.
+    final_state : numpy.ndarray or None
+        Expected final state, when the case records one (call with
+        ``output_final_state=True`` then).
+    """
+
+    name: str = ""
+    o: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    final_state: np.ndarray | None = None
+
+    @property
+    def has_final_state(self) -> bool:
+        """Whether the case records a final state."""
+        return self.final_state is not None
+
+    def tolerance(self, dtype: Any, form: str) -> float:
+        """Relative RMS tolerance of this case for inputs of ``dtype`` and ``form``."""
+        return tolerance(dtype, form, name=self.name)
+
+    def check(self, o: Any, final_state: Any, *, dtype: Any, form: str) -> None:
+        """Raise AssertionError unless ``o`` (and ``final_state``) match the expectation."""
+        assert_close(o, self.o, dtype=dtype, form=form, name=f"{self.name} o")
+        if self.final_state is not None:
+            assert_close(
+                final_state, self.final_state, dtype=dtype, form=form, name=f"{self.name} state"
+            )
+
+
+def load_golden_cases() -> list[GoldenCase]:
+    """Load the vendored golden cases (float64 inputs and expected outputs).
+
+    Returns
+    -------
+    list of GoldenCase
+        In the order of ``golden/manifest.json``.
+
+    Examples
+    --------
+    >>> from fastweights.testing import load_golden_cases
+    >>> cases = load_golden_cases()
+    >>> case = next(c for c in cases if c.name == "delta_rule_basic")
+    >>> case.op, case.o.shape
+    ('delta_rule', (2, 67, 2, 24))
+    """
+    root = resources.files("fastweights.testing").joinpath("golden")
+    manifest = json.loads(root.joinpath("manifest.json").read_text())
+    cases = []
+    for entry in manifest:
+        with root.joinpath(f"{entry['name']}.npz").open("rb") as fh, np.load(fh) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {n: np.array(data[n]) for n in meta["inputs"]}
+            final = np.array(data["final_state"]) if meta["has_final_state"] else None
+            cases.append(
+                GoldenCase(
+                    op=meta["op"],
+                    arrays=arrays,
+                    kwargs=dict(meta["kwargs"]),
+                    name=entry["name"],
+                    o=np.array(data["o"]),
+                    final_state=final,
+                )
+            )
+    return cases
+
+
+def random_call(
+    op: str,
+    *,
+    seed: int = 0,
+    batch: int = 2,
+    length: int = 37,
+    heads: int = 2,
+    groups: int = 1,
+    key_dim: int = 12,
+    value_dim: int = 7,
+    num_householder: int = 2,
+    seqlens: Sequence[int] | None = None,
+    initial_state: bool = True,
+    gates: str = "normal",
+    beta_per_value: bool = False,
+    normalize: bool = False,
+    use_qk_l2norm: bool = False,
+    scale: float | None = None,
+) -> Call:
+    """Random, well-conditioned inputs for ``op``.
+
+    Keys are unit vectors and ``beta`` lies in ``(0, 1)`` (unless ``use_qk_l2norm``, then keys
+    are raw Gaussians), so every delta-rule state stays bounded and float64 forms agree to
+    about 1e-13.
+
+    Parameters
+    ----------
+    op : str
+        Op name.
+    seed : int
+        Seed of :func:`numpy.random.default_rng`.
+    batch, length, heads, groups, key_dim, value_dim : int
+        ``B, T, H, G (HV = G * H), K, V``.
+    num_householder : int
+        ``n`` of ``delta_product``.
+    seqlens : sequence of int, optional
+        Pack sequences of these lengths (``B = 1``, ``T = sum``, ``cu_seqlens`` set).
+    initial_state : bool
+        Give a random initial state.
+    gates : {"normal", "zero", "strong", "reset", "none"}
+        Log-decays in ``[-1, 0]`` with some exact zeros; all zero; in ``[-8, -3]`` (a
+        cumulative decay far below -88 within a chunk of 64); normal with ``-inf`` sprinkled;
+        ``"none"`` leaves out the optional ``g`` of ``delta_product``.
+    beta_per_value : bool
+        ``beta`` of shape ``[B, T, HV, V]``.
+    normalize, use_qk_l2norm, scale
+        Keywords of the op (``normalize`` only for ``linear_attn``).
+    """
+    rng = np.random.default_rng(seed)
+    if seqlens is not None:
+        batch, length = 1, int(sum(seqlens))
+    hv = heads * groups
+    n = num_householder if op == "delta_product" else 1
+    rows = length * n
+
+    def keys(t: int) -> np.ndarray:
+        x = rng.standard_normal((batch, t, heads, key_dim))
+        if normalize:
+            return rng.uniform(0.05, 1.0, (batch, t, heads, key_dim))
+        return x if use_qk_l2norm else x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def gate(shape: tuple[int, ...]) -> np.ndarray:
+        if gates == "zero":
+            return np.zeros(shape)
+        if gates == "strong":
+            return rng.uniform(-8.0, -3.0, shape)
+        g = -(rng.uniform(0.0, 1.0, shape) ** 2)
+        g[rng.uniform(size=shape) < 0.15] = 0.0
+        if gates == "reset":
+            g[rng.uniform(size=shape) < 0.05] = -np.inf
+        return g
+
+    arrays: dict[str, Any] = {
+        "q": rng.uniform(0.05, 1.0, (batch, length, heads, key_dim))
+        if normalize
+        else rng.standard_normal((batch, length, heads, key_dim)),
+        "k": keys(rows),
+        "v": rng.standard_normal((batch, rows, hv, value_dim)),
+    }
+    if op in ("simple_gla", "gated_delta_rule") or (op == "delta_product" and gates != "none"):
+        arrays["g"] = gate((batch, length, hv))
+    if op in ("gla", "kda"):
+        arrays["gk"] = gate((batch, length, hv, key_dim))
+    if op in ("delta_rule", "gated_delta_rule", "delta_product", "kda"):
+        shape = (batch, rows, hv, value_dim) if beta_per_value else (batch, rows, hv)
+        arrays["beta"] = rng.uniform(0.05, 1.0, shape)
+    n_states = batch
+    if seqlens is not None:
+        arrays["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
+        n_states = len(seqlens)
+    if initial_state:
+        s0 = 0.3 * rng.standard_normal((n_states, hv, key_dim, value_dim))
+        if normalize:
+            arrays["initial_state"] = (s0, rng.uniform(0.0, 2.0, (n_states, hv, key_dim)))
+        else:
+            arrays["initial_state"] = s0
+    kwargs: dict[str, Any] = {}
+    if op == "delta_product":
+        kwargs["num_householder"] = n
+    if normalize:
+        kwargs["normalize"] = True
+    if use_qk_l2norm:
+        kwargs["use_qk_l2norm"] = True
+    if scale is not None:
+        kwargs["scale"] = scale
+    return Call(op, arrays, kwargs)
+
+
+def token_arrays(call: Call, t: int) -> dict[str, Any]:
+    """The step arguments of token ``t`` (``n`` rows of ``k, v, beta`` for delta_product)."""
+    n = call.kwargs.get("num_householder", 1)
+    out = {}
+    for name, x in call.arrays.items():
+        if name in ("initial_state", "cu_seqlens"):
+            continue
+        if call.op == "delta_product" and name in ("k", "v", "beta"):
+            out[name] = x[:, t * n : (t + 1) * n]
+        else:
+            out[name] = x[:, t]
+    return out
+
+
+class Decoded(NamedTuple):
+    """Result of :func:`run_steps`."""
+
+    o: np.ndarray
+    """Outputs of every step stacked along ``T`` (``[B, T, HV, V]``, NumPy)."""
+    state: Any
+    """The state (pool) the last step returned, in the namespace of the call."""
+    in_place: bool
+    """Whether every step returned the very pool object it was given."""
+
+
+def run_steps(
+    call: Call,
+    state: Any,
+    *,
+    state_indices: Any = None,
+    backend: str | None = None,
+    xp: Any = None,
+) -> Decoded:
+    """Decode ``call`` one token at a time with :mod:`fastweights.step`.
+
+    Parameters
+    ----------
+    call : Call
+        An unpacked call (no ``cu_seqlens``); its ``initial_state`` is ignored.
+    state : array or tuple
+        The state pool to start from (``(S, z)`` pools for normalised linear attention),
+        already in namespace ``xp``.
+    state_indices : array_like, optional
+        Pool row of each batch row.
+    backend : str, optional
+        Backend name.
+    xp : module, optional
+        Namespace to convert the inputs to (default NumPy).
+
+    Returns
+    -------
+    Decoded
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastweights.testing import random_call, run_steps
+    >>> call = random_call("delta_rule", batch=2, length=3)
+    >>> pool = call.arrays["initial_state"].copy()
+    >>> run_steps(call, pool).o.shape
+    (2, 3, 2, 7)
+    """
+    import fastweights.step
+
+    keywords = {k: v for k, v in call.kwargs.items() if k != "num_householder"}
+    if state_indices is not None:
+        keywords["state_indices"] = state_indices
+    fn = getattr(fastweights.step, call.op)
+    outs = []
+    in_place = True
+    for t in range(call.arrays["q"].shape[1]):
+        args, kwargs = Call(call.op, token_arrays(call, t), keywords).arguments(xp)
+        o, new = fn(*args, state, **kwargs, backend=backend)
+        first_new = new[0] if isinstance(new, tuple) else new
+        first_old = state[0] if isinstance(state, tuple) else state
+        in_place = in_place and first_new is first_old
+        state = new
+        outs.append(to_numpy(o))
+    return Decoded(np.stack(outs, axis=1), state, in_place)

@@ -1,0 +1,255 @@
+"""Naive per-token NumPy implementations of every fastweights op.
+
+These functions are the loop a user would write instead of calling fastweights: one Python
+iteration per token, heads vectorised with NumPy, everything in float64. They are written
+directly from the update rules in SPEC.md section 1 and share no code with the library, so they
+serve as a second oracle for the tests and as the baseline of the benchmarks.
+
+Signatures follow the public ops (``q, k, v``, then the gates, then ``beta``; keyword-only
+``scale``, ``initial_state``, ``output_final_state``, ``cu_seqlens``, ``use_qk_l2norm``) without
+``form``, ``chunk_size`` and ``backend``. Inputs are converted with :func:`numpy.asarray` and
+not validated. ``o`` is returned in ``v``'s dtype, the final state in float64.
+
+Examples
+--------
+>>> import numpy as np
+>>> from fastweights.testing import naive
+>>> rng = np.random.default_rng(0)
+>>> q, k = rng.standard_normal((2, 1, 5, 2, 8))
+>>> v = rng.standard_normal((1, 5, 2, 4))
+>>> beta = np.full((1, 5, 2), 0.5)
+>>> o, state = naive.delta_rule(q, k, v, beta, output_final_state=True)
+>>> o.shape, state.shape
+((1, 5, 2, 4), (1, 2, 8, 4))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "delta_product",
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "kda",
+    "linear_attn",
+    "retention",
+    "simple_gla",
+]
+
+_L2_EPS = 1e-6
+_NORM_EPS = 1e-10
+
+
+def _l2norm(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + _L2_EPS)
+
+
+def _segments(batch: int, length: int, cu_seqlens: Any) -> list[tuple[int, int, int]]:
+    """Return ``(batch row, first token, end token)`` for every sequence."""
+    if cu_seqlens is None:
+        return [(b, 0, length) for b in range(batch)]
+    cu = [int(c) for c in np.asarray(cu_seqlens).reshape(-1)]
+    return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+
+
+def _scan(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    g: Any = None,
+    gk: Any = None,
+    beta: Any = None,
+    num_householder: int = 1,
+    normalize: bool = False,
+    scale: float | None = None,
+    initial_state: Any = None,
+    output_final_state: bool = False,
+    cu_seqlens: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[np.ndarray, Any]:
+    """Run the generic recurrence shared by all ops.
+
+    Per token ``t`` and value head: decay the state by ``exp(g)`` (scalar) and/or ``exp(gk)``
+    (per key row), then apply ``num_householder`` writes (Hebbian ``k v^T`` when ``beta`` is
+    None, otherwise the delta step ``k (beta * (v - S^T k))^T``), then read ``S^T (scale q)``.
+    """
+    v_dtype = np.asarray(v).dtype
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    batch, length, heads, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    n = num_householder
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * (dk**-0.5 if scale is None else scale)
+    # Value head j reads query/key head j // G.
+    q = np.repeat(q, hv // heads, axis=2)
+    k = np.repeat(k, hv // heads, axis=2)
+    alpha = None if g is None else np.exp(np.asarray(g, dtype=np.float64))
+    alpha_k = None if gk is None else np.exp(np.asarray(gk, dtype=np.float64))
+    if beta is not None:
+        beta = np.asarray(beta, dtype=np.float64)
+        if beta.ndim == 3:
+            beta = beta[..., None]
+
+    segments = _segments(batch, length, cu_seqlens)
+    s0, z0 = initial_state if normalize and initial_state is not None else (initial_state, None)
+    states = np.zeros((len(segments), hv, dk, dv))
+    if s0 is not None:
+        states[...] = np.asarray(s0, dtype=np.float64)
+    norms = np.zeros((len(segments), hv, dk))
+    if z0 is not None:
+        norms[...] = np.asarray(z0, dtype=np.float64)
+
+    o = np.zeros((batch, length, hv, dv))
+    for i, (b, start, end) in enumerate(segments):
+        S = states[i]
+        z = norms[i]
+        for t in range(start, end):
+            if alpha is not None:
+                S = alpha[b, t][:, None, None] * S
+            if alpha_k is not None:
+                S = alpha_k[b, t][:, :, None] * S
+            for j in range(n):
+                kt, vt = k[b, t * n + j], v[b, t * n + j]
+                if beta is None:
+                    S = S + kt[:, :, None] * vt[:, None, :]
+                else:
+                    err = vt - np.einsum("hkv,hk->hv", S, kt)
+                    S = S + kt[:, :, None] * (beta[b, t * n + j] * err)[:, None, :]
+            ot = np.einsum("hkv,hk->hv", S, q[b, t])
+            if normalize:
+                z = z + k[b, t]
+                ot = ot / (np.sum(q[b, t] * z, axis=-1) + _NORM_EPS)[:, None]
+            o[b, t] = ot
+        states[i] = S
+        norms[i] = z
+
+    final: Any = None
+    if output_final_state:
+        final = (states, norms) if normalize else states
+    return o.astype(v_dtype, copy=False), final
+
+
+def linear_attn(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    normalize: bool = False,
+    scale: float | None = None,
+    initial_state: Any = None,
+    output_final_state: bool = False,
+    cu_seqlens: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[np.ndarray, Any]:
+    """Linear attention, ``S_t = S_{t-1} + k_t v_t^T``.
+
+    With ``normalize=True``, ``o_t = S_t^T q~_t / (q~_t . z_t + 1e-10)`` with
+    ``z_t = z_{t-1} + k_t``; the state is the pair ``(S, z)``.
+
+    Parameters
+    ----------
+    q, k : array_like
+        ``[B, T, H, K]``.
+    v : array_like
+        ``[B, T, HV, V]``.
+    normalize : bool
+        Divide by the running key sum.
+    scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm
+        As in :func:`fastweights.linear_attn`.
+
+    Returns
+    -------
+    o : numpy.ndarray
+        ``[B, T, HV, V]``.
+    final_state : numpy.ndarray or tuple or None
+        ``[N, HV, K, V]`` (with ``z`` ``[N, HV, K]`` when normalising).
+    """
+    return _scan(
+        q,
+        k,
+        v,
+        normalize=normalize,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=use_qk_l2norm,
+    )
+
+
+def simple_gla(q: Any, k: Any, v: Any, g: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """Scalar decay, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``; ``g``: ``[B, T, HV]``.
+
+    Keywords as in :func:`linear_attn` (without ``normalize``).
+    """
+    return _scan(q, k, v, g=g, **common)
+
+
+def retention(q: Any, k: Any, v: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """:func:`simple_gla` with the fixed decay ``g_h = log(1 - 2**(-5 - h))`` per value head."""
+    v_arr = np.asarray(v)
+    batch, length, hv = v_arr.shape[:3]
+    g_h = np.log(1.0 - 2.0 ** (-5.0 - np.arange(hv)))
+    g = np.broadcast_to(g_h, (batch, length, hv))
+    return _scan(q, k, v_arr, g=g, **common)
+
+
+def gla(q: Any, k: Any, v: Any, gk: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """Per-key-channel decay, ``S_t = Diag(exp(gk_t)) S_{t-1} + k_t v_t^T``.
+
+    ``gk``: ``[B, T, HV, K]``; keywords as in :func:`simple_gla`.
+    """
+    return _scan(q, k, v, gk=gk, **common)
+
+
+def delta_rule(q: Any, k: Any, v: Any, beta: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """DeltaNet, ``S_t = S_{t-1} + k_t (beta_t * (v_t - S_{t-1}^T k_t))^T``.
+
+    ``beta``: ``[B, T, HV]`` or ``[B, T, HV, V]``; keywords as in :func:`simple_gla`.
+    """
+    return _scan(q, k, v, beta=beta, **common)
+
+
+def gated_delta_rule(
+    q: Any, k: Any, v: Any, g: Any, beta: Any, **common: Any
+) -> tuple[np.ndarray, Any]:
+    """Gated DeltaNet: decay ``S' = exp(g_t) S_{t-1}``, then the delta step on ``S'``.
+
+    Keywords as in :func:`simple_gla`.
+    """
+    return _scan(q, k, v, g=g, beta=beta, **common)
+
+
+def kda(q: Any, k: Any, v: Any, gk: Any, beta: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """Kimi Delta Attention: :func:`gated_delta_rule` with the decay ``Diag(exp(gk_t))``.
+
+    Keywords as in :func:`simple_gla`.
+    """
+    return _scan(q, k, v, gk=gk, beta=beta, **common)
+
+
+def delta_product(
+    q: Any,
+    k: Any,
+    v: Any,
+    beta: Any,
+    *,
+    g: Any = None,
+    num_householder: int,
+    **common: Any,
+) -> tuple[np.ndarray, Any]:
+    """DeltaProduct: per token, decay once by ``exp(g_t)`` (if given), then ``n`` delta steps.
+
+    ``k``, ``v``, ``beta`` have ``T * num_householder`` rows (rows ``t*n .. t*n+n-1`` belong to
+    token ``t``); ``q``, ``g`` and ``o`` have ``T`` rows; ``cu_seqlens`` counts tokens.
+    Keywords as in :func:`simple_gla`.
+    """
+    return _scan(q, k, v, g=g, beta=beta, num_householder=num_householder, **common)

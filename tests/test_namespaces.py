@@ -1,0 +1,158 @@
+"""Any Array API namespace in, the same namespace out, with the same values as NumPy.
+
+The automatic backend choice must find a backend for array-api-strict, torch (CPU) and JAX
+arrays (the reference accepts every namespace). Decoding updates a torch pool in place and
+returns a new one for JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from _support import assert_result, reference_backend
+
+import fastweights
+from fastweights.testing import OPS, Call, random_call, run_steps, to_numpy
+
+xps = pytest.importorskip("array_api_strict")
+
+
+def _calls() -> list[Any]:
+    out = []
+    for op in OPS:
+        out.append(pytest.param(random_call(op, seed=1, groups=2, length=19), id=op))
+        out.append(pytest.param(random_call(op, seed=2, seqlens=[3, 0, 9]), id=f"{op}-packed"))
+    out.append(
+        pytest.param(random_call("linear_attn", seed=3, normalize=True), id="linear_attn-norm")
+    )
+    return out
+
+
+def _forms(call: Call) -> list[str]:
+    return call.forms(reference_backend().ops[call.op if call.op != "retention" else "simple_gla"])
+
+
+def _module(x: Any) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def _leaves(state: Any) -> tuple[Any, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("call", _calls())
+def test_array_api_strict_in_and_out(call: Call, dtype: str) -> None:
+    cast = call.cast(np.dtype(dtype))
+    want = call.expected()
+    for form in _forms(call):
+        o, state = cast.run(getattr(fastweights, call.op), xps, form=form, output_final_state=True)
+        assert _module(o) == "array_api_strict"
+        assert o.dtype == getattr(xps, dtype)
+        for part in _leaves(state):
+            assert _module(part) == "array_api_strict"
+        assert_result((o, state), want, dtype=dtype, form=form, name=form)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_array_api_strict_decoding(op: str) -> None:
+    call = random_call(op, seed=4, batch=2, length=5)
+    want = call.expected()
+    pool = xps.asarray(call.arrays["initial_state"][::-1].copy())
+    decoded = run_steps(call, pool, state_indices=xps.asarray([1, 0]), xp=xps)
+    assert _module(decoded.state) == "array_api_strict"
+    want = (want[0], want[1][::-1])
+    assert_result((decoded.o, decoded.state), want, dtype="float64", form="recurrent")
+
+
+def _torch() -> Any:
+    pytest.importorskip("torch")
+    from array_api_compat import torch as xp
+
+    return xp
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("op", OPS)
+def test_torch_cpu_in_and_out(op: str, dtype: str) -> None:
+    xp = _torch()
+    call = random_call(op, seed=5, groups=2, length=19)
+    want = call.expected()
+    for form in _forms(call):
+        o, state = call.cast(np.dtype(dtype)).run(
+            getattr(fastweights, op), xp, form=form, output_final_state=True
+        )
+        assert _module(o) == "torch"
+        assert str(o.dtype) == f"torch.{dtype}"
+        assert_result((o, state), want, dtype=dtype, form=form, name=form)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_decoding_updates_the_pool_in_place(op: str) -> None:
+    xp = _torch()
+    call = random_call(op, seed=6, batch=2, length=4)
+    pool = xp.asarray(call.arrays["initial_state"].copy())
+    decoded = run_steps(call, pool, xp=xp)
+    assert decoded.in_place and decoded.state is pool
+    assert_result((decoded.o, to_numpy(pool)), call.expected(), dtype="float64", form="recurrent")
+
+
+def _jax() -> Any:
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    return jnp
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_jax_in_and_out(op: str) -> None:
+    jnp = _jax()
+    call = random_call(op, seed=7, groups=2, length=9)
+    want = call.expected()
+    for form in _forms(call):
+        o, state = call.cast(np.float32).run(
+            getattr(fastweights, op), jnp, form=form, output_final_state=True
+        )
+        assert _module(o) in ("jax", "jaxlib")
+        assert_result((o, state), want, dtype="float32", form=form, name=form)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_jax_decoding_returns_a_new_state(op: str) -> None:
+    jnp = _jax()
+    call = random_call(op, seed=8, batch=2, length=4).cast(np.float32)
+    start = call.arrays["initial_state"].copy()
+    pool = jnp.asarray(start)
+    decoded = run_steps(call, pool, xp=jnp)
+    assert decoded.state is not pool
+    np.testing.assert_array_equal(np.asarray(pool), start)
+    want = call.cast(np.float64).expected()
+    assert_result((decoded.o, decoded.state), want, dtype="float32", form="recurrent")
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "int32", "array_api_strict"])
+def test_state_indices_may_be_any_integer_array_like(kind: str) -> None:
+    call = random_call("gated_delta_rule", seed=9, batch=2, length=3)
+    want = call.expected()
+    indices = {
+        "list": [2, 0],
+        "tuple": (2, 0),
+        "int32": np.array([2, 0], dtype=np.int32),
+        "array_api_strict": xps.asarray([2, 0]),
+    }[kind]
+    pool = np.zeros((3, *call.arrays["initial_state"].shape[1:]))
+    pool[[2, 0]] = call.arrays["initial_state"]
+    decoded = run_steps(call, pool, state_indices=indices)
+    assert decoded.state is pool
+    assert_result((decoded.o, pool[[2, 0]]), want, dtype="float64", form="recurrent")
+    np.testing.assert_array_equal(pool[1], 0.0)
+
+
+def test_arrays_on_different_devices_raise_type_error() -> None:
+    torch = pytest.importorskip("torch")
+    call = random_call("delta_rule", seed=10, length=4)
+    q, k, v, beta = (torch.asarray(call.arrays[n]) for n in ("q", "k", "v", "beta"))
+    with pytest.raises(TypeError, match=r"\bk\b"):
+        fastweights.delta_rule(q, k.to("meta"), v, beta)
