@@ -1,0 +1,58 @@
+"""Decoding: one ``fastweights.step`` token for a batch of sequences in a state pool.
+
+A step reads and writes each state once at least, so its floor is a copy of the pool:
+``track_fraction_of_copy`` is the copy's time over the step's (1.0 = at the memory limit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import fastweights
+from fastweights._bench import OPS, backend_namespace, best_time, make_inputs, synchronize
+
+BACKENDS = ["reference", "numba", "cupy"]
+H, D = 16, 128
+
+
+class Decode:
+    params = (list(OPS), BACKENDS, [1, 32, 256])
+    param_names = ["op", "backend", "B"]
+    timeout = 300
+
+    def setup(self, op: str, backend: str, B: int) -> None:
+        self.xp = xp = backend_namespace(backend, op, step=True)
+        on_gpu = xp is not np
+        if (B == 32 and on_gpu) or (B == 256 and not on_gpu):
+            raise NotImplementedError("B = 32 is the CPU size, B = 256 the GPU size")
+        args, kwargs = make_inputs(op, B, 1, H, D, D, xp)
+        if op == "delta_product":
+            q, k, v, beta = args
+            n = kwargs["num_householder"]
+            args = (q[:, 0], k.reshape(B, n, H, D), v.reshape(B, n, H, D), beta.reshape(B, n, H))
+            kwargs = {"g": kwargs["g"][:, 0]}
+        else:
+            args = tuple(a[:, 0] for a in args)
+        self.pool = xp.zeros((B, H, D, D), dtype=xp.float32)
+        self.step = getattr(fastweights.step, op)
+        self.args, self.kwargs, self.backend = args, kwargs, backend
+        self.call()
+
+    def call(self) -> Any:
+        return self.step(*self.args, self.pool, **self.kwargs, backend=self.backend)
+
+    def time_step(self, op: str, backend: str, B: int) -> None:
+        self.call()
+        synchronize(self.xp)
+
+    def track_fraction_of_copy(self, op: str, backend: str, B: int) -> float:
+        target = self.xp.empty_like(self.pool)
+
+        def copy() -> None:
+            target[...] = self.pool
+
+        return best_time(copy, self.xp, repeat=5) / best_time(self.call, self.xp, repeat=5)
+
+    track_fraction_of_copy.unit = "copy time / step time"  # type: ignore[attr-defined]
