@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fastweights.backends import list_backends
 
 import fastweights
+from fastweights.backends import list_backends
 from fastweights.testing import Call
 
 FORMS = ("recurrent", "chunk", "parallel")

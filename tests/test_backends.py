@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 from _support import FORMS, FakeBackend, run
-from fastweights.backends import list_backends
 
 import fastweights
+from fastweights.backends import list_backends
 from fastweights.testing import OPS, random_call, to_numpy
 
 CALL = random_call("gated_delta_rule", seed=0, length=9)

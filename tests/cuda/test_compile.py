@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fastweights.backends.cupy import _launch as L
 
 pytestmark = pytest.mark.cuda_compile

@@ -1,0 +1,153 @@
+"""Command-line entry point: ``python -m fastweights {info,demo,bench,gpu-check}``.
+
+``info`` prints the versions of fastweights and of the packages it can use, and the registered
+backends with the ops and forms each implements. ``demo`` reproduces the fast weight primer's
+headline (Hebbian versus delta-rule memory) live and times the backends; see
+:mod:`fastweights._demo`. ``bench`` reads each op's speed against the machine's limits; see
+:mod:`fastweights._bench`. ``gpu-check`` runs the ``gpu`` tests and the GPU timings of the
+``cupy`` backend on a machine with an NVIDIA GPU, and says why not elsewhere.
+
+Subcommands import their modules lazily, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _size(text: str) -> tuple[int, int, int, int]:
+    """Parse ``B,T,H,D`` for ``--size``."""
+    try:
+        b, t, h, d = (int(p) for p in text.split(","))
+    except ValueError:  # not integers, or not four of them
+        b = t = h = d = 0
+    if min(b, t, h, d) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive integers B,T,H,D, got {text!r}")
+    return b, t, h, d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``python -m fastweights``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastweights",
+        description="Fast weight programmers for any Array API library.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("info", help="versions, and the backends with their ops and forms")
+
+    demo = sub.add_parser(
+        "demo",
+        help="Hebbian vs delta-rule memory, computed live, then backend throughput",
+        description=(
+            "Store random key-value pairs with linear_attn (Hebbian) and delta_rule "
+            "(beta = 1), read them back and compare with theory; then time "
+            "gated_delta_rule through every available backend against a per-token NumPy loop."
+        ),
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--quick", action="store_true", help="fewer trials and a small throughput problem"
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="PATH",
+        default="fastweights_demo.png",
+        help="figure file, written when matplotlib is installed (default fastweights_demo.png)",
+    )
+    demo.add_argument("--no-plot", action="store_true", help="do not write a figure")
+    demo.add_argument("--no-bench", action="store_true", help="skip the throughput section")
+    demo.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="time only this backend (repeatable; default every available backend)",
+    )
+    demo.add_argument(
+        "--size",
+        type=_size,
+        metavar="B,T,H,D",
+        help="throughput problem, K = V = D (default 1,2048,4,128; 1,512,2,64 with --quick)",
+    )
+    demo.add_argument("--trials", type=int, help="memories averaged per N (default 8; 4 quick)")
+    demo.add_argument(
+        "--repeats", type=int, default=3, help="timed calls after the warm-up (default 3)"
+    )
+
+    bench = sub.add_parser(
+        "bench",
+        help="effective FLOP rate of each op and backend against this machine's limits",
+        description=(
+            "Time the main ops through every available backend (form='auto', B=1, float32) "
+            "and read the rates against the measured matmul rate, copy bandwidth and a "
+            "per-token NumPy loop."
+        ),
+    )
+    bench.add_argument("--length", type=int, default=2048, help="tokens T (default 2048)")
+    bench.add_argument("--heads", type=int, default=4, help="heads H (default 4)")
+    bench.add_argument("--dim", type=int, default=128, help="K = V (default 128)")
+    sub.add_parser(
+        "gpu-check",
+        help="on a machine with an NVIDIA GPU: the gpu tests and GPU timings, with the card",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "gpu-check":  # gpu-check parses its own options
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "info":
+        from fastweights._cli_info import run_info
+
+        return run_info()
+    if args.command == "demo":
+        from fastweights._demo import run_demo
+
+        if args.repeats < 1 or (args.trials is not None and args.trials < 1):
+            print("--repeats and --trials must be at least 1", file=sys.stderr)
+            return 2
+        run_demo(
+            seed=args.seed,
+            quick=args.quick,
+            plot=None if args.no_plot else args.plot,
+            bench=not args.no_bench,
+            trials=args.trials,
+            backends=args.backend,
+            size=args.size,
+            repeats=args.repeats,
+        )
+        return 0
+    if args.command == "bench":
+        from fastweights._bench import main as bench_main
+
+        if min(args.length, args.heads, args.dim) < 1:
+            print("--length, --heads and --dim must be at least 1", file=sys.stderr)
+            return 2
+        return bench_main(T=args.length, H=args.heads, D=args.dim)
+    if args.command == "gpu-check":
+        from fastweights.backends.cupy._gpu_check import main as gpu_check
+
+        return gpu_check(extra)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse forbids this
+
+
+if __name__ == "__main__":
+    sys.exit(main())
