@@ -393,9 +393,18 @@ def validate_step(
             _check_shape("beta", beta, (*lead, HV), f"[{lead_label}, HV] or [..., V]")
     if state is None:
         raise TypeError(f"{op} decoding needs the state pool, got None")
-    S = state[0] if normalize and isinstance(state, tuple | list) else state
-    if isinstance(S, tuple | list) or not hasattr(S, "shape") or len(S.shape) != 4:
-        _check_state("state", state, spec, normalize, N, HV, K, V, "P")
+    pair = isinstance(state, tuple | list)
+    if pair != normalize:
+        want = "the pair (S, z)" if normalize else "an array"
+        raise TypeError(f"state of {op} must be {want}, got a {type(state).__name__}")
+    if pair and len(state) != 2:
+        raise TypeError(f"state must be the pair (S, z), got {len(state)} items")
+    for name, x in (
+        (("state[0]", state[0]), ("state[1]", state[1])) if pair else (("state", state),)
+    ):
+        _namespace(name, x)
+    S = state[0] if pair else state
+    _check_rank("state[0]" if pair else "state", S, 4, "[P, HV, K, V]")
     P = int(S.shape[0])
     states = _check_state("state", state, spec, normalize, P, HV, K, V, "P")
     scale_value = _check_scale(scale, K)
