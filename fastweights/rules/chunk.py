@@ -19,6 +19,10 @@ directly (forward or reverse cumulative sums, segment sums), never as a differen
 cumulative sums. That keeps gates of exactly 0 exact, stays accurate when the cumulative decay
 inside a chunk is far below -88, and turns a gate of ``-inf`` into an exact zero factor
 instead of ``-inf - (-inf) = nan``.
+
+Non-finite inputs propagate but, unlike in the recurrent form, not only forward in time: a NaN
+or Inf in one row reaches every output of its chunk, because the masked-out (zero) scores
+still multiply it (``0 * nan = nan``).
 """
 
 from __future__ import annotations
