@@ -17,6 +17,7 @@ Examples
 
 from __future__ import annotations
 
+import importlib as _importlib
 import importlib.util as _importlib_util
 import pathlib as _pathlib
 import sys as _sys
@@ -42,7 +43,10 @@ def _alias_source_backends() -> None:
 
 _alias_source_backends()
 
-from . import backends, step  # noqa: E402
+from . import step  # noqa: E402
+
+# Imported by name: type checkers see `backends/` as its own top-level package.
+backends = _importlib.import_module(f"{__name__}.backends")
 from ._api import (  # noqa: E402
     delta_product,
     delta_rule,

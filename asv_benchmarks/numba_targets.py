@@ -1,0 +1,181 @@
+"""The numba backend's target figures (issue 3), measured in one run with their baselines.
+
+Run ``python asv_benchmarks/numba_targets.py`` (``--quick`` for fewer repetitions). Every
+figure is a median over repetitions, and every ratio compares figures of this same run:
+
+- the machine's float32 matmul rate (NumPy, 2048 x 2048 @ 2048 x 2048, default threads);
+- prefill, B=1, T=8192, H=4, K=V=128 (and 64), ``form="auto"``, float32: the effective rate
+  ``6 K V`` FLOPs per token and head, and its ratio to the matmul rate (target >= 45 %);
+- a plain per-token NumPy loop (:func:`fastweights.testing.naive.gated_delta_rule`, timed
+  on the first ``--naive-tokens`` tokens) against the numba prefill (target >= 15x);
+- decoding, ``fastweights.step.gated_delta_rule``, B=32, H=16, K=V=128: one step against a
+  two-thread copy of the state pool (target <= 1.5x), and microseconds per step at B=1,
+  validation and dispatch included.
+
+The first call of each op (compilation, or loading numba's cache) is excluded. ``--forms``
+adds the comparison of the recurrent and chunk forms behind ``form="auto"`` (docs/numba.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import fastweights
+from fastweights.testing import naive
+
+OPS = ("gated_delta_rule", "delta_rule", "simple_gla", "linear_attn", "gla", "kda")
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(reps: int) -> float:
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    b = a.copy()
+    return 2 * 2048**3 / median_time(lambda: a @ b, reps) / 1e9
+
+
+def inputs(op: str, B: int, T: int, H: int, K: int, V: int, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    k = rng.standard_normal((B, T, H, K), dtype=f32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    args: dict[str, Any] = {
+        "q": rng.standard_normal((B, T, H, K), dtype=f32),
+        "k": k,
+        "v": rng.standard_normal((B, T, H, V), dtype=f32),
+    }
+    if op in ("simple_gla", "gated_delta_rule"):
+        args["g"] = -0.1 * rng.random((B, T, H), dtype=f32)
+    if op in ("gla", "kda"):
+        args["gk"] = -0.1 * rng.random((B, T, H, K), dtype=f32)
+    if op in ("delta_rule", "gated_delta_rule", "kda"):
+        args["beta"] = rng.random((B, T, H), dtype=f32)
+    return args
+
+
+def prefill(op: str, K: int, reps: int, T: int = 8192, H: int = 4) -> tuple[float, float]:
+    """Seconds per call (median) and effective GFLOP/s of ``op`` on the numba backend."""
+    args = inputs(op, 1, T, H, K, K)
+    fn = getattr(fastweights, op)
+    sec = median_time(lambda: fn(**args, form="auto", backend="numba"), reps)
+    return sec, 6 * K * K * T * H / sec / 1e9
+
+
+def naive_rate(tokens: int, T: int = 8192, H: int = 4, K: int = 128) -> float:
+    """Tokens per second of the per-token NumPy loop (gated_delta_rule)."""
+    args = inputs("gated_delta_rule", 1, tokens, H, K, K)
+    sec = median_time(lambda: naive.gated_delta_rule(**args), 3, warmup=0)
+    return tokens / sec
+
+
+def pool_copy(pool: np.ndarray, reps: int) -> float:
+    """Seconds for a two-thread copy of ``pool`` (numba ``prange`` over its rows)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def copy(src: np.ndarray, dst: np.ndarray) -> None:
+        for i in prange(src.shape[0]):
+            dst[i] = src[i]
+
+    src = pool.reshape(pool.shape[0] * pool.shape[1], -1)
+    dst = np.empty_like(src)
+    return median_time(lambda: copy(src, dst), reps, warmup=2)
+
+
+def decode(B: int, reps: int, H: int = 16, K: int = 128) -> tuple[float, np.ndarray]:
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    q = rng.standard_normal((B, H, K), dtype=f32)
+    k = rng.standard_normal((B, H, K), dtype=f32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, H, K), dtype=f32)
+    g = -0.1 * rng.random((B, H), dtype=f32)
+    beta = rng.random((B, H), dtype=f32)
+    pool = np.zeros((B, H, K, K), f32)
+    step = fastweights.step.gated_delta_rule
+    sec = median_time(lambda: step(q, k, v, g, beta, pool, backend="numba"), reps, warmup=3)
+    return sec, pool
+
+
+def compare_forms(reps: int, T: int = 4096, H: int = 4) -> None:
+    """The measurements behind ``form="auto"``: recurrent against chunk, by head size."""
+    for K in (128, 64, 32):
+        for op in ("gated_delta_rule", "simple_gla", "kda"):
+            args = inputs(op, 1, T, H, K, K)
+            fn = getattr(fastweights, op)
+            cells = []
+            for form, C in (("recurrent", 64), ("chunk", 64), ("chunk", 32)):
+                kw = {**args, "form": form, "chunk_size": C, "backend": "numba"}
+                sec = median_time(functools.partial(fn, **kw), reps)
+                label = form if form == "recurrent" else f"chunk C={C}"
+                cells.append(f"{label}: {6 * K * K * T * H / sec / 1e9:6.1f}")
+            print(f"forms {op:17s} K=V={K:3d}: " + "  ".join(cells) + " GFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+    parser.add_argument("--naive-tokens", type=int, default=512)
+    parser.add_argument(
+        "--forms", action="store_true", help="also compare the recurrent and chunk forms"
+    )
+    ns = parser.parse_args(argv)
+    reps = 3 if ns.quick else 9
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# load average before: {load:.2f}; numba threads: ", end="")
+    from numba import get_num_threads
+
+    print(get_num_threads())
+    mm = matmul_rate(reps)
+    print(f"float32 matmul 2048^2 (NumPy): {mm:8.1f} GFLOP/s")
+    rows = []
+    for K in (128, 64):
+        for op in ns.ops.split(","):
+            sec, rate = prefill(op, K, reps)
+            rows.append((op, K, sec, rate))
+            target = 45 if K == 128 else 40
+            print(
+                f"prefill {op:17s} K=V={K:3d}: {sec * 1e3:7.2f} ms {rate:7.1f} GFLOP/s "
+                f"= {100 * rate / mm:5.1f} % of matmul (target >= {target} %)"
+            )
+    gdr = next(r for r in rows if r[0] == "gated_delta_rule" and r[1] == 128)
+    tok = naive_rate(ns.naive_tokens)
+    fast = 8192 / gdr[2]  # tokens (each with its H = 4 heads) per second
+    print(
+        f"per-token NumPy loop (naive.gated_delta_rule, float64): {tok:9.0f} tokens/s; "
+        f"numba {fast:9.0f} tokens/s = {fast / tok:6.1f}x (target >= 15x)"
+    )
+    sec32, pool = decode(32, 5 * reps)
+    copy = pool_copy(pool, 5 * reps)
+    print(
+        f"decode B=32 H=16 K=V=128: {sec32 * 1e6:7.0f} us per step; two-thread pool copy "
+        f"{copy * 1e6:7.0f} us; ratio {sec32 / copy:4.2f} (target <= 1.5)"
+    )
+    sec1, _ = decode(1, 50 * reps)
+    print(f"decode B=1  H=16 K=V=128: {sec1 * 1e6:7.1f} us per step (validation + dispatch)")
+    if ns.forms:
+        compare_forms(max(3, reps // 2))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# load average after: {load:.2f}")
+
+
+if __name__ == "__main__":
+    main()

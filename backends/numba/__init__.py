@@ -1,0 +1,65 @@
+"""The ``numba`` backend: CPU kernels for NumPy arrays, compiled with numba.
+
+Every first-wave op in the recurrent form (one fused pass over an L1-resident block of the
+state per step, parallel over sequences, value heads and value blocks), decoding steps that
+update the state pool in place, and the chunk form. It is chosen automatically for NumPy
+arrays (priority 10) when numba is installed. Nothing is compiled or imported from numba
+until the first call; compiled kernels are cached on disk (numba's ``cache=True``).
+
+See ``docs/numba.md`` for the design, the settings the speed depends on and measurements.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fastweights._ops import OPS
+from fastweights._validate import Call
+
+FORMS = ("recurrent", "chunk")
+
+
+class NumbaBackend:
+    """NumPy arrays on the CPU; float16, float32 and float64 inputs."""
+
+    name = "numba"
+    priority = 10
+    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: FORMS for op in OPS}
+    step_ops = tuple(OPS)
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("numba") is None:
+            return "numba is not installed (pip install 'fastweights[numba]')"
+        return None
+
+    def rejects(self, call: Call) -> str | None:
+        if call.xp.__name__.split(".")[-1] != "numpy":
+            return f"it runs NumPy arrays only, got {call.xp.__name__} arrays"
+        arrays = [call.q, call.k, call.v, call.g, call.gk, call.beta]
+        for state in (call.initial_state, call.state_pool):
+            if state is not None:
+                arrays.extend(state if isinstance(state, tuple | list) else (state,))
+        for x in arrays:
+            if x is None:
+                continue
+            if not isinstance(x, np.ndarray):
+                return f"it runs numpy.ndarray inputs only, got {type(x).__name__}"
+            if x.dtype not in (np.float16, np.float32, np.float64):
+                return f"it runs float16, float32 and float64 arrays, got {x.dtype}"
+        return None
+
+    def run(self, call: Call) -> tuple[Any, Any]:
+        from ._driver import run
+
+        return run(call)
+
+    def step(self, call: Call) -> tuple[Any, Any]:
+        from ._driver import step
+
+        return step(call)
+
+
+backend = NumbaBackend()

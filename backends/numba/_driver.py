@@ -1,0 +1,173 @@
+"""Python side of the numba backend: choose the form, prepare arguments, call the kernels.
+
+Imported on a backend's first call, never when fastweights is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fastweights._validate import Call
+
+from ._jit import guard_cache
+from ._layout import (
+    Args,
+    as_rows,
+    call_kernel,
+    dummy,
+    kernel_args,
+    num_threads,
+    one_task_at_a_time,
+    sequences,
+    tasks,
+    uniform_tasks,
+    unit_last,
+)
+from .recurrent import recurrent_kernel
+from .step import step_kernel
+
+guard_cache(recurrent_kernel)
+
+NORMALIZE_EPS = 1e-10
+
+
+def auto_form(call: Call) -> str:
+    """The form ``form="auto"`` runs (see ``docs/numba.md`` for the measurements)."""
+    return "recurrent"
+
+
+def _initial(call: Call, dt: np.dtype) -> np.ndarray | None:
+    init = call.initial_state
+    if init is None:
+        return None
+    if call.normalize:
+        S, z = init
+        return np.concatenate([np.asarray(S, dt), np.asarray(z, dt)[..., None]], axis=-1)
+    return as_rows(init, dt)
+
+
+def _recurrent(
+    call: Call,
+    a: Args,
+    state_in: np.ndarray | None,
+    in_rows: np.ndarray,
+    state_out: np.ndarray | None,
+    out_rows: np.ndarray,
+) -> np.ndarray:
+    """Run the recurrent kernel; returns ``o [B, T, HV, V']`` in the compute dtype."""
+    dt = a.v.dtype
+    seq_b, t0, t1 = sequences(call)
+    if call.cu_seqlens is None:
+        ts, th, tv0, tv1 = uniform_tasks(call.B, call.T, call.HV, a.V, num_threads())
+    else:
+        ts, th, tv0, tv1 = tasks(t1 - t0, call.HV, a.V)
+    o = np.empty((call.B, call.T, call.HV, a.V), dtype=dt)
+    with one_task_at_a_time():
+        call_kernel(
+            recurrent_kernel,
+            a.q, a.k, a.v, a.gate, a.beta,
+            dummy(dt) if state_in is None else state_in, in_rows,
+            dummy(dt) if state_out is None else state_out, out_rows,
+            o, seq_b, t0, t1, ts, th, tv0, tv1,
+            a.n_sub, a.G, a.gate_kind, a.erase, a.beta_per_value,
+            state_in is not None, state_out is not None, a.l2norm, a.scale,
+        )  # fmt: skip
+    return o
+
+
+def _chunk(
+    call: Call,
+    a: Args,
+    state_in: np.ndarray | None,
+    in_rows: np.ndarray,
+    state_out: np.ndarray | None,
+    out_rows: np.ndarray,
+) -> np.ndarray:
+    """Run the chunk-form kernel; returns ``o [B, T, HV, V']`` in the compute dtype."""
+    from .chunk import chunk_kernel
+
+    dt = a.v.dtype
+    seq_b, t0, t1 = sequences(call)
+    N, HV = seq_b.shape[0], call.HV
+    order = np.argsort(-np.repeat(t1 - t0, HV), kind="stable")
+    ts = np.repeat(np.arange(N, dtype=np.int64), HV)[order]
+    th = np.tile(np.arange(HV, dtype=np.int64), N)[order]
+    o = np.empty((call.B, call.T, HV, a.V), dtype=dt)
+    with one_task_at_a_time():
+        call_kernel(
+            chunk_kernel,
+            a.q, a.k, a.v, a.gate, a.beta,
+            dummy(dt) if state_in is None else state_in, in_rows,
+            dummy(dt) if state_out is None else state_out, out_rows,
+            o, seq_b, t0, t1, ts, th,
+            a.n_sub, a.G, a.gate_kind, a.erase,
+            state_in is not None, state_out is not None, a.l2norm, a.scale,
+            int(call.chunk_size),
+        )  # fmt: skip
+    return o
+
+
+def _finish_o(call: Call, o: np.ndarray) -> np.ndarray:
+    if call.normalize:
+        o = o[..., :-1] / (o[..., -1:] + NORMALIZE_EPS)
+    return o.astype(call.v.dtype, copy=False)
+
+
+def _split_state(call: Call, S: np.ndarray) -> Any:
+    return (S[..., :-1], S[..., -1]) if call.normalize else S
+
+
+def run(call: Call) -> tuple[Any, Any]:
+    """``(o, final_state)`` of a sequence call."""
+    form = auto_form(call) if call.form == "auto" else call.form
+    a = kernel_args(call)
+    dt = a.v.dtype
+    rows = np.arange(call.N, dtype=np.int64)
+    final = None
+    if call.output_final_state:
+        final = np.empty((call.N, call.HV, call.K, a.V), dtype=dt)
+    if form == "chunk":
+        o = _chunk(call, a, _initial(call, dt), rows, final, rows)
+    else:
+        o = _recurrent(call, a, _initial(call, dt), rows, final, rows)
+    return _finish_o(call, o), (None if final is None else _split_state(call, final))
+
+
+def step(call: Call) -> tuple[Any, Any]:
+    """One decoding step; the pool is updated in place through ``state_indices``."""
+    a = kernel_args(call)
+    dt = a.v.dtype
+    pool = call.state_pool
+    idx = call.state_indices
+    rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
+    direct = (
+        not call.normalize
+        and isinstance(pool, np.ndarray)
+        and pool.dtype == dt
+        and pool.flags.writeable
+        and unit_last(pool)
+    )
+    if direct:
+        o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
+        ts, th, tv0, tv1 = uniform_tasks(call.N, 1, call.HV, a.V, num_threads())
+        call_kernel(
+            step_kernel,
+            a.q, a.k, a.v, a.gate, a.beta, pool, rows, o, ts, th, tv0, tv1,
+            a.n_sub, a.G, a.gate_kind, a.erase, a.beta_per_value, a.l2norm, a.scale,
+        )  # fmt: skip
+        return _finish_o(call, o)[:, 0], pool
+    pools = pool if call.normalize else (pool,)
+    current = [np.asarray(p)[rows] for p in pools]
+    if call.normalize:
+        state = np.concatenate([current[0].astype(dt), current[1].astype(dt)[..., None]], -1)
+    else:
+        state = current[0].astype(dt)
+    seq_rows = np.arange(call.N, dtype=np.int64)
+    final = np.empty_like(state)
+    o = _recurrent(call, a, state, seq_rows, final, seq_rows)
+    parts = _split_state(call, final)
+    for p, new in zip(pools, parts if call.normalize else (parts,), strict=True):
+        p[rows] = new
+    return _finish_o(call, o)[:, 0], pool

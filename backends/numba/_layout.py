@@ -1,0 +1,208 @@
+"""From a validated call to the kernels' arguments, and the kernels' dispatch.
+
+The kernels read the caller's arrays in place (any strides) in the compute dtype; only float16
+inputs, mixed dtypes and ``linear_attn(normalize=True)`` (its normaliser is one more value
+column of ones) cost a copy. Every kernel is compiled for arrays of layout ``'A'`` (any
+strides; the last axis must be contiguous, other inputs are copied), so contiguous and strided
+inputs share one compiled version per dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import typeof
+
+from fastweights._validate import Call
+
+from ._jit import DISABLE_JIT
+from ._passes import VB
+
+_lock = threading.Lock()
+
+
+def _any_layout(value: Any) -> Any:
+    ty = typeof(value)
+    if isinstance(value, np.ndarray):
+        return ty.copy(layout="A", readonly=False)
+    return ty
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return (value.dtype.num, value.ndim)
+    return type(value)
+
+
+_entry_points: dict[tuple[Any, ...], Any] = {}
+
+
+def call_kernel(dispatcher: Any, *args: Any) -> Any:
+    """Call a jitted kernel through its ``'A'``-layout version, compiling it on first use.
+
+    The compiled entry point is looked up by the arguments' dtypes and ranks and called
+    directly: numba's dispatcher would compile one version per memory layout and spend
+    about 200 microseconds typing 26 arguments, more than a small decoding step takes.
+    """
+    if DISABLE_JIT:
+        return dispatcher(*args)
+    key = (id(dispatcher), *(_key(a) for a in args))
+    entry = _entry_points.get(key)
+    if entry is None:
+        sig = tuple(_any_layout(a) for a in args)
+        with _lock:
+            if sig not in dispatcher.overloads:
+                dispatcher.compile(sig)
+            entry = _entry_points[key] = dispatcher.overloads[sig].entry_point
+    return entry(*args)
+
+
+def num_threads() -> int:
+    if DISABLE_JIT:
+        return 1
+    from numba import get_num_threads
+
+    return int(get_num_threads())
+
+
+_DUMMY: dict[Any, np.ndarray] = {}
+
+
+def dummy(dtype: Any, ndim: int = 4) -> np.ndarray:
+    """A one-element stand-in for an absent array argument (keeps one kernel signature)."""
+    key = (np.dtype(dtype), ndim)
+    if key not in _DUMMY:
+        _DUMMY[key] = np.zeros((1,) * ndim, dtype=dtype)
+    return _DUMMY[key]
+
+
+@dataclass
+class Args:
+    """The recurrent kernel's inputs for one call, in the compute dtype."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    gate: np.ndarray
+    beta: np.ndarray
+    gate_kind: int
+    beta_per_value: bool
+    erase: bool
+    n_sub: int
+    G: int
+    l2norm: bool
+    scale: float
+    V: int
+    """Value columns the kernel sees (``V + 1`` with the normaliser of linear attention)."""
+
+
+def unit_last(x: np.ndarray) -> bool:
+    """Whether the last axis is contiguous (what :func:`._jit.row` needs)."""
+    return x.shape[-1] <= 1 or x.strides[-1] == x.itemsize
+
+
+def as_rows(x: Any, dt: Any) -> np.ndarray:
+    """``x`` in dtype ``dt`` with a contiguous last axis; a view when it already is."""
+    x = np.asarray(x, dtype=dt)
+    return x if unit_last(x) else np.ascontiguousarray(x)
+
+
+_as = as_rows
+
+
+def kernel_args(call: Call) -> Args:
+    """Inputs of ``call`` as the kernels take them: compute dtype, caller's layout."""
+    dt = np.dtype(call.dtype)
+    q, k, v = _as(call.q, dt), _as(call.k, dt), _as(call.v, dt)
+    if call.normalize:
+        ones = np.ones((*v.shape[:-1], 1), dtype=dt)
+        v = np.concatenate([v, ones], axis=-1)
+    gate_kind = 0
+    gate = dummy(dt)
+    if call.gk is not None:
+        gate_kind, gate = 2, _as(call.gk, dt)
+    elif call.g is not None:
+        gate_kind, gate = 1, _as(call.g, dt)[..., None]
+    beta = dummy(dt)
+    if call.beta is not None:
+        beta = _as(call.beta, dt)
+        if beta.ndim == 3:
+            beta = beta[..., None]
+    return Args(
+        q=q,
+        k=k,
+        v=v,
+        gate=gate,
+        beta=beta,
+        gate_kind=gate_kind,
+        beta_per_value=call.beta_per_value,
+        erase=call.spec.erase,
+        n_sub=call.num_householder,
+        G=call.HV // call.H,
+        l2norm=call.use_qk_l2norm,
+        scale=float(call.scale),
+        V=int(v.shape[3]),
+    )
+
+
+def sequences(call: Call) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(batch row, first token, end token)`` of every sequence, as int64 arrays."""
+    if call.cu_seqlens is None:
+        rows = np.arange(call.B, dtype=np.int64)
+        return rows, np.zeros(call.B, np.int64), np.full(call.B, call.T, np.int64)
+    cu = call.cu_seqlens
+    return np.zeros(cu.shape[0] - 1, np.int64), cu[:-1].copy(), cu[1:].copy()
+
+
+@functools.lru_cache(maxsize=64)
+def uniform_tasks(
+    N: int, T: int, HV: int, V: int, threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tasks` for ``N`` sequences of ``T`` tokens (cached: decoding calls repeat)."""
+    out = tasks(np.full(N, T, np.int64), HV, V)
+    for x in out:
+        x.flags.writeable = False
+    return out
+
+
+def tasks(
+    lengths: np.ndarray, HV: int, V: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split the work into (sequence, value head, value blocks) tasks, longest first.
+
+    A task walks its sequence once for all its value blocks (it prepares the per-step vectors
+    once); value blocks are split over more tasks only when there are too few (sequence, head)
+    pairs to keep every thread busy.
+    """
+    nvb = -(-V // VB)
+    pairs = int(lengths.shape[0]) * HV
+    want = 2 * num_threads()
+    groups = 1 if pairs >= want else min(nvb, -(-want // max(pairs, 1)))
+    bounds = np.linspace(0, nvb, groups + 1).round().astype(np.int64)
+    seq = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), HV * groups)
+    hv = np.tile(np.repeat(np.arange(HV, dtype=np.int64), groups), lengths.shape[0])
+    g = np.tile(np.arange(groups, dtype=np.int64), lengths.shape[0] * HV)
+    order = np.argsort(-lengths[seq], kind="stable")
+    return seq[order], hv[order], bounds[g][order], bounds[g + 1][order]
+
+
+@contextlib.contextmanager
+def one_task_at_a_time() -> Iterator[None]:
+    """``prange`` hands out one task at a time (tasks differ in length), then restores."""
+    if DISABLE_JIT:
+        yield
+        return
+    from numba import get_parallel_chunksize, set_parallel_chunksize
+
+    old = get_parallel_chunksize()
+    set_parallel_chunksize(1)
+    try:
+        yield
+    finally:
+        set_parallel_chunksize(old)

@@ -1,0 +1,427 @@
+"""The recurrent form: every op as the general rule, one fused pass over the state per step.
+
+Per (sequence, value head) and step ``r`` (``n`` steps per token for DeltaProduct, the decay at
+a token's first step, the read at its last)::
+
+    S' = Diag(alpha_r) S                          alpha = exp(gate): none, per head, per key row
+    u  = beta * (v_r - erase * S'^T k_r)          Hebbian family: u = v_r
+    S  = S' + k_r u^T
+    o  = S^T q~_t = S'^T q~_t + (k_r . q~_t) u    q~ = scale * q (l2-normalised first if asked)
+
+The state is kept as ``Diag(c) S~`` with the running decay ``c = prod alpha`` (float64, per
+key row) outside ``S~``: a step then costs exactly one pass over ``S~`` that writes ``k/c u^T``
+and accumulates ``S~^T (c k)`` and ``S~^T (c q)`` for the next step
+(:mod:`._passes`). When some ``c`` falls below ``TINY`` (or is 0: a ``-inf`` gate is a hard
+reset) the pass also multiplies the rows by ``c`` and ``c`` restarts at 1.
+
+Work is split into tasks (sequence, value head, range of value blocks) run in parallel with
+``prange``; the per-step vectors (``k/c``, ``c k``, ``c q``, ``k . q``) are computed once per
+chunk of ``TC`` steps for all the task's value blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit, prefer_512, prefetch, prefetch_write, row
+from ._math import exp_f32, exp_f64
+from ._passes import (
+    VB,
+    chunk_delta,
+    chunk_hebb,
+    gather_rows,
+    pass_hebb_scaled,
+    pass_load,
+    pass_store,
+    scatter_rows,
+)
+
+TC = 16
+"""Steps whose per-step vectors are prepared together (the inner loop runs block by block)."""
+
+TINY = 1e-18
+"""Renormalise ``S~`` when a running decay ``c`` drops below this (or to 0)."""
+
+L2NORM_EPS = 1e-6
+
+PREFETCH_BYTES = 64
+
+Array = Any
+
+
+@jit(nrt=False, reduce=True, noalias=True)
+def _prepare(
+    q: Array,
+    k: Array,
+    gate: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t0: int,
+    rb: int,
+    r0: int,
+    rc: int,
+    n_sub: int,
+    gate_kind: int,
+    l2norm: bool,
+    scale: float,
+    c: Array,
+    alpha: Array,
+    red: Array,
+    cd: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    RV: Array,
+    RVF: Array,
+    KQ: Array,
+    CW: Array,
+    CR: Array,
+    sc: Array,
+) -> None:
+    """Per-step vectors of steps ``r0 .. r0+rc-1`` of one (sequence, value head), rows 1..rc.
+
+    Per-key-row decays (``gate_kind == 2``, running decay ``c[:K]``): ``KA = k / c`` (the
+    write), ``KB = c k`` and ``QB = c q~`` (the reads), ``CW = CR = 1``. No decay or one per
+    head (running decay ``c[K]``): ``KA = k`` (``KB`` is left alone: the passes read with
+    ``KA``), ``QB = q~``, and the decay scales the value-sized vectors instead, ``CR = c`` for
+    the reads and ``CW = 1 / c`` for the write. ``QB = 0`` where the step has no output;
+    ``KQ = k . q~``. ``RVF`` flags the steps whose decay renormalises ``S~`` by ``RV`` (the
+    running decay, which then restarts at 1). ``c`` is carried from chunk to chunk.
+    """
+    prefer_512()
+    K = KA.shape[1]
+    if gate_kind == 2:
+        # The decays of the whole chunk in one vectorised exp: rows of alpha[0] are the log
+        # decays, rows of alpha[1] their exp (ones where a step has no decay).
+        for i in range(rc):
+            r = r0 + i
+            tt = r // n_sub
+            if r - tt * n_sub == 0:
+                grow = row(gate, b, t0 + tt, hv, 0)
+                for x in range(K):
+                    alpha[0, i, x] = grow[x]
+            else:
+                for x in range(K):
+                    alpha[0, i, x] = 0.0
+        g = alpha[0, :rc].reshape(rc * K)
+        a = alpha[1, :rc].reshape(rc * K)
+        if alpha.itemsize == 4:
+            exp_f32(g, a, a.view(np.int32), red[: rc * K])
+        else:
+            exp_f64(g, a, a.view(np.int64), red[: rc * K])
+    for i in range(1, rc + 1):
+        r = r0 + i - 1
+        tt = r // n_sub
+        sub = r - tt * n_sub
+        t = t0 + tt
+        krow = row(k, b, rb + r, h, 0)
+        for x in range(K):
+            KA[i, x] = krow[x]
+        if l2norm:
+            ss = sc[2]
+            for x in range(K):
+                ss += KA[i, x] * KA[i, x]
+            sc[0] = 1.0 / np.sqrt(ss + L2NORM_EPS)
+            f = sc[0]
+            for x in range(K):
+                KA[i, x] = KA[i, x] * f
+        kq = sc[2]
+        if sub == n_sub - 1:
+            qrow = row(q, b, t, h, 0)
+            sc[0] = scale
+            if l2norm:
+                ss = sc[2]
+                for x in range(K):
+                    ss += qrow[x] * qrow[x]
+                sc[0] = scale / np.sqrt(ss + L2NORM_EPS)
+            f = sc[0]
+            for x in range(K):
+                QB[i, x] = qrow[x] * f
+            for x in range(K):
+                kq += KA[i, x] * QB[i, x]
+        else:
+            for x in range(K):
+                QB[i, x] = 0.0
+        KQ[i] = kq
+        renorm = False
+        if gate_kind == 2:
+            if sub == 0:
+                tiny = 0
+                for x in range(K):
+                    cx = c[x] * alpha[1, i - 1, x]
+                    c[x] = cx
+                    tiny += cx < TINY
+                if tiny:
+                    renorm = True
+                    for x in range(K):
+                        RV[i, x] = c[x]
+                        c[x] = 1.0
+            for x in range(K):
+                cd[x] = c[x]
+            for x in range(K):
+                KB[i, x] = KA[i, x] * cd[x]
+                QB[i, x] = QB[i, x] * cd[x]
+                KA[i, x] = KA[i, x] / cd[x]
+        elif gate_kind == 1 and sub == 0:
+            c[K] *= math.exp(np.float64(gate[b, t, hv, 0]))
+            if c[K] < TINY:
+                renorm = True
+                for x in range(K):
+                    RV[i, x] = c[K]
+                c[K] = 1.0
+        CR[i] = c[K]
+        CW[i] = 1.0 / c[K]
+        RVF[i] = renorm
+
+
+@jit(nrt=False)
+def _prefetch_chunk(
+    q: Array,
+    k: Array,
+    v: Array,
+    gate: Array,
+    beta: Array,
+    o: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t0: int,
+    rb: int,
+    r0: int,
+    rc: int,
+    n_sub: int,
+    c0: int,
+    c1: int,
+) -> None:
+    """Prefetch the rows steps ``r0 .. r0+rc-1`` read and write (value columns ``c0 .. c1``).
+
+    One prefetch per 128 bytes: the L2's adjacent-line prefetcher fetches the pair.
+    """
+    K = k.shape[3]
+    step = max(1, PREFETCH_BYTES // v.itemsize)
+    for i in range(rc):
+        r = r0 + i
+        tt = r // n_sub
+        t = t0 + tt
+        kp = row(k, b, rb + r, h, 0)
+        vp = row(v, b, rb + r, hv, c0)
+        for x in range(0, K, step):
+            prefetch(kp, x)
+        for x in range(0, c1 - c0, step):
+            prefetch(vp, x)
+        if r - tt * n_sub == n_sub - 1:
+            qp = row(q, b, t, h, 0)
+            op = row(o, b, t, hv, c0)
+            for x in range(0, K, step):
+                prefetch(qp, x)
+            for x in range(0, c1 - c0, step):
+                prefetch_write(op, x)
+        if beta.shape[3] > 1:
+            bp = row(beta, b, rb + r, hv, c0)
+            for x in range(0, c1 - c0, step):
+                prefetch(bp, x)
+        elif beta.shape[1] > 1:
+            prefetch(row(beta, b, rb + r, hv, 0), 0)
+        if gate.shape[1] > 1 and r - tt * n_sub == 0:
+            gp = row(gate, b, t, hv, 0)
+            for x in range(0, gate.shape[3], step):
+                prefetch(gp, x)
+
+
+@jit()
+def _task(
+    q: Array,
+    k: Array,
+    v: Array,
+    gate: Array,
+    beta: Array,
+    state_in: Array,
+    in_row: int,
+    state_out: Array,
+    out_row: int,
+    o: Array,
+    b: int,
+    t0: int,
+    t1: int,
+    hv: int,
+    vb0: int,
+    vb1: int,
+    n_sub: int,
+    G: int,
+    gate_kind: int,
+    erase: bool,
+    beta_per_value: bool,
+    has_init: bool,
+    write_state: bool,
+    l2norm: bool,
+    scale: float,
+) -> None:
+    """One (sequence, value head, value blocks ``vb0 .. vb1-1``) from start to end.
+
+    Per-step vectors live in rows ``1 .. TC`` of ``KA, KB, QB, RV`` (row 0 of ``KA``: the
+    previous step's write); ``VC``/``BC``/``OC`` hold one block's values, betas and outputs
+    for a chunk.
+    """
+    dt = v.dtype
+    K = k.shape[3]
+    V = v.shape[3]
+    h = hv // G
+    nb = vb1 - vb0
+    R = (t1 - t0) * n_sub
+    rb = t0 * n_sub
+    # Scratch, carved from one allocation.
+    n1 = TC + 1
+    sizes = (nb * K * VB, 3 * nb * VB, 4 * n1 * K, 3 * n1, 3 * TC * VB, K + TC + 3)
+    buf = np.empty(sum(sizes), dt)
+    o0 = sizes[0]
+    Sb = buf[:o0].reshape((nb, K, VB))
+    W = buf[o0 : o0 + nb * VB].reshape((nb, VB))
+    PK = buf[o0 + nb * VB : o0 + 2 * nb * VB].reshape((nb, VB))
+    PQ = buf[o0 + 2 * nb * VB : o0 + 3 * nb * VB].reshape((nb, VB))
+    o0 += sizes[1]
+    KA = buf[o0 : o0 + n1 * K].reshape((n1, K))
+    KBv = buf[o0 + n1 * K : o0 + 2 * n1 * K].reshape((n1, K))
+    KB = KBv if gate_kind == 2 else KA  # the read keys: k itself unless per-row decays
+    QB = buf[o0 + 2 * n1 * K : o0 + 3 * n1 * K].reshape((n1, K))
+    RV = buf[o0 + 3 * n1 * K : o0 + 4 * n1 * K].reshape((n1, K))
+    o0 += sizes[2]
+    KQ = buf[o0 : o0 + n1]
+    CW = buf[o0 + n1 : o0 + 2 * n1]
+    CR = buf[o0 + 2 * n1 : o0 + 3 * n1]
+    o0 += sizes[3]
+    VC = buf[o0 : o0 + TC * VB].reshape((TC, VB))
+    BC = buf[o0 + TC * VB : o0 + 2 * TC * VB].reshape((TC, VB))
+    OC = buf[o0 + 2 * TC * VB : o0 + 3 * TC * VB].reshape((TC, VB))
+    o0 += sizes[4]
+    cd = buf[o0 : o0 + K]
+    BS = buf[o0 + K : o0 + K + TC]
+    sc = buf[o0 + K + TC : o0 + K + TC + 3]
+    alpha = np.empty((2, TC, K) if gate_kind == 2 else (2, 1, 1), dt)
+    red = np.empty(TC * K if gate_kind == 2 else 1, dt)
+    RVF = np.zeros(n1, np.bool_)
+    c = np.ones(K + 1, np.float64)
+    W[:] = 0.0
+    KA[0] = 0.0
+    sc[:] = 0.0  # sc[2] stays 0: a zero of the compute dtype to start sums from
+    # Full blocks of an initial state are loaded by the first pass (pass_load); the others
+    # are copied here, zero-padded, and read by a regular first pass.
+    for x in range(nb):
+        j0 = (vb0 + x) * VB
+        nv = min(VB, V - j0)
+        if has_init and nv == VB and R > 0:
+            continue
+        Sb[x] = 0.0
+        PK[x] = 0.0
+        PQ[x] = 0.0
+        if has_init:
+            for i in range(K):
+                src = row(state_in, in_row, hv, i, j0)
+                for j in range(nv):
+                    Sb[x, i, j] = src[j]
+    c0 = vb0 * VB
+    c1 = min(vb1 * VB, V)
+    _prefetch_chunk(q, k, v, gate, beta, o, b, h, hv, t0, rb, 0, min(TC, R), n_sub, c0, c1)
+    for r0 in range(0, R, TC):
+        rc = min(TC, R - r0)
+        if r0 + TC < R:
+            _prefetch_chunk(
+                q, k, v, gate, beta, o, b, h, hv, t0, rb, r0 + TC, min(TC, R - r0 - TC), n_sub,
+                c0, c1,
+            )  # fmt: skip
+        _prepare(
+            q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, l2norm, scale,
+            c, alpha, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
+        )  # fmt: skip
+        if erase and not beta_per_value:
+            for i in range(rc):
+                BS[i] = beta[b, rb + r0 + i, hv, 0]
+        for x in range(nb):
+            j0 = (vb0 + x) * VB
+            nv = min(VB, V - j0)
+            if r0 == 0 and has_init and nv == VB:
+                pass_load(Sb, x, state_in, in_row, hv, j0, RV, RVF[1], KB, QB, PK, PQ)
+            # Step 0 needs no pass of its own after pass_load or from a zero state.
+            i0 = 1 if r0 == 0 and not (has_init and nv < VB) else 0
+            gather_rows(v, b, rb + r0, hv, j0, nv, rc, VC)
+            if erase:
+                if beta_per_value:
+                    gather_rows(beta, b, rb + r0, hv, j0, nv, rc, BC)
+                chunk_delta(
+                    Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, VC, BS, BC,
+                    beta_per_value, OC, i0, rc,
+                )  # fmt: skip
+            else:
+                chunk_hebb(Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, VC, OC, i0, rc)
+            scatter_rows(OC, o, b, t0, hv, j0, nv, r0, rc, n_sub)
+        KA[0] = KA[rc]
+    if not write_state:
+        return
+    # The last write, with the running decay folded back into the state.
+    for x in range(K):
+        RV[1, x] = c[x] if gate_kind == 2 else c[K]
+        QB[1, x] = 0.0
+    for x in range(nb):
+        j0 = (vb0 + x) * VB
+        nv = min(VB, V - j0)
+        if R == 0:
+            pass
+        elif nv == VB:
+            pass_store(Sb, x, W, KA, RV, state_out, out_row, hv, j0)
+            continue
+        else:
+            pass_hebb_scaled(Sb, x, W, KA, RV, QB, 0, PQ)
+        for i in range(K):
+            dst = row(state_out, out_row, hv, i, j0)
+            for j in range(nv):
+                dst[j] = Sb[x, i, j]
+
+
+@jit(parallel=True)
+def recurrent_kernel(
+    q: Array,
+    k: Array,
+    v: Array,
+    gate: Array,
+    beta: Array,
+    state_in: Array,
+    in_rows: Array,
+    state_out: Array,
+    out_rows: Array,
+    o: Array,
+    seq_b: Array,
+    seq_t0: Array,
+    seq_t1: Array,
+    task_seq: Array,
+    task_hv: Array,
+    task_vb0: Array,
+    task_vb1: Array,
+    n_sub: int,
+    G: int,
+    gate_kind: int,
+    erase: bool,
+    beta_per_value: bool,
+    has_init: bool,
+    write_state: bool,
+    l2norm: bool,
+    scale: float,
+) -> None:
+    """Run every task ``(sequence, value head, value blocks)`` of a call, in parallel.
+
+    Arrays are in the caller's layout and the compute dtype: ``q [B, T, H, K]``,
+    ``k [B, T*n, H, K]``, ``v [B, T*n, HV, V]``, ``gate [B, T, HV, 1 or K]`` (log-decay),
+    ``beta [B, T*n, HV, 1 or V]``, states ``[P, HV, K, V]`` (rows ``in_rows`` / ``out_rows``
+    per sequence), ``o [B, T, HV, V]``. Sequence ``s`` is tokens ``seq_t0[s] .. seq_t1[s]-1``
+    of batch row ``seq_b[s]``.
+    """
+    for task in prange(task_seq.shape[0]):
+        s = task_seq[task]
+        _task(
+            q, k, v, gate, beta, state_in, in_rows[s], state_out, out_rows[s], o,
+            seq_b[s], seq_t0[s], seq_t1[s], task_hv[task], task_vb0[task], task_vb1[task],
+            n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm, scale,
+        )  # fmt: skip
