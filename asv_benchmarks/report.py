@@ -71,6 +71,9 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
         "",
         "Rates are effective: the recurrent pass's `6·K·V` FLOPs per token and head (per delta",
         "step for DeltaProduct, n = 2), the least work any form does, over the measured time.",
+        "`tokens/s` and `GFLOP/s` are two separate measurements (two asv benchmarks, each the best",
+        "of 3 calls in its own process), so their disagreement shows the run-to-run noise on this",
+        "shared 2-core machine: about ±20 %; so does `auto` beside the form it picks.",
         "",
     ]
     for T, D in (("8192", "128"), ("8192", "64"), ("512", "128")):
@@ -98,7 +101,8 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
         lines += [
             "## Decoding, one token, H=16, K=V=128, float32 state pool",
             "",
-            "| op | backend | B | µs per step | copy of the pool / step |",
+            "| op | backend | B | µs per step (one sample) "
+            "| NumPy copy of the pool / step (>1: step faster) |",
             "|---|---|---:|---:|---:|",
         ]
         for (op, backend, B), seconds in step.items():
