@@ -47,6 +47,19 @@ _COMMON = """\
         ``[N, HV, K, V]`` in the compute dtype (float64 if any input is, else float32)."""
 
 
+def retention_gate(q: Any, k: Any, v: Any, v_layout: str) -> Any:
+    """RetNet's fixed log-decay ``g_h = log(1 - 2**(-5-h))`` per value head ``h``.
+
+    Broadcast to ``v.shape[:-1]`` (a read-only view), float64 if any of ``q, k, v`` is.
+    """
+    xp = _namespace("v", v)
+    _check_rank("v", v, v_layout.count(",") + 1, v_layout)
+    heads = [math.log(1.0 - 2.0 ** (-5 - h)) for h in range(v.shape[-2])]
+    wide = any(getattr(x, "dtype", None) == xp.float64 for x in (q, k, v))
+    g_head = xp.asarray(heads, dtype=xp.float64 if wide else xp.float32, device=device(v))
+    return xp.broadcast_to(g_head, tuple(v.shape[:-1]))
+
+
 def _doc(func: F) -> F:
     func.__doc__ = (func.__doc__ or "").replace("{common}", _COMMON)
     return func
@@ -206,13 +219,7 @@ def retention(
         >>> float(o[0, 1, 0, 0])  # 1 + (1 - 1/32)
         1.96875
     """
-    xp = _namespace("v", v)
-    _check_rank("v", v, 4, "[B, T, HV, V]")
-    B, T, HV = v.shape[0], v.shape[1], v.shape[2]
-    heads = [math.log(1.0 - 2.0 ** (-5 - h)) for h in range(HV)]
-    wide = any(getattr(x, "dtype", None) == xp.float64 for x in (q, k, v))
-    g_head = xp.asarray(heads, dtype=xp.float64 if wide else xp.float32, device=device(v))
-    g = xp.broadcast_to(g_head, (B, T, HV))
+    g = retention_gate(q, k, v, "[B, T, HV, V]")
     return simple_gla(
         q,
         k,

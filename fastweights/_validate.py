@@ -217,6 +217,16 @@ def _check_state(
     return {name: state}
 
 
+def _check_required(spec: OpSpec, *, g: Any, gk: Any, beta: Any) -> None:
+    """The gate and beta arguments ``spec`` cannot do without are given."""
+    if spec.gate == "g" and not spec.gate_optional and g is None:
+        raise TypeError(f"{spec.name} needs the log-decay g, got None")
+    if spec.gate == "gk" and gk is None:
+        raise TypeError(f"{spec.name} needs the per-channel log-decay gk, got None")
+    if spec.has_beta and beta is None:
+        raise TypeError(f"{spec.name} needs beta, got None")
+
+
 def _check_rank(name: str, x: Any, rank: int, labels: str) -> None:
     if x.ndim != rank:
         raise ValueError(f"{name} must have rank {rank} {labels}, got shape {tuple(x.shape)}")
@@ -243,12 +253,7 @@ def validate(
 ) -> Call:
     """Check a sequence call of ``op`` against API.md and describe it as a :class:`Call`."""
     spec = OPS[op]
-    if spec.gate == "g" and not spec.gate_optional and g is None:
-        raise TypeError(f"{op} needs the log-decay g, got None")
-    if spec.gate == "gk" and gk is None:
-        raise TypeError(f"{op} needs the per-channel log-decay gk, got None")
-    if spec.has_beta and beta is None:
-        raise TypeError(f"{op} needs beta, got None")
+    _check_required(spec, g=g, gk=gk, beta=beta)
     named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
     for name, x in named.items():
         if x is not None:
@@ -374,12 +379,7 @@ def validate_step(
         raise ValueError(
             f"the value heads HV = {HV} must be a positive multiple of the query/key heads H = {H}"
         )
-    if spec.gate == "g" and not spec.gate_optional and g is None:
-        raise TypeError(f"{op} needs the log-decay g, got None")
-    if spec.gate == "gk" and gk is None:
-        raise TypeError(f"{op} needs the per-channel log-decay gk, got None")
-    if spec.has_beta and beta is None:
-        raise TypeError(f"{op} needs beta, got None")
+    _check_required(spec, g=g, gk=gk, beta=beta)
     if g is not None:
         _check_shape("g", g, (N, HV), "[N, HV]")
     if gk is not None:

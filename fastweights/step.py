@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._api import retention_gate
 from ._registry import select
 from ._validate import Call, validate_step
 
@@ -114,20 +115,7 @@ def retention(
     backend: str | None = None,
 ) -> tuple[Any, Any]:
     """One token of :func:`fastweights.retention` (``g_h = log(1 - 2**(-5-h))``)."""
-    import math
-
-    from array_api_compat import device
-
-    from ._validate import _check_rank, _namespace
-
-    xp = _namespace("v", v)
-    _check_rank("v", v, 3, "[N, HV, V]")
-    N, HV = v.shape[0], v.shape[1]
-    wide = any(getattr(x, "dtype", None) == xp.float64 for x in (q, k, v))
-    heads = [math.log(1.0 - 2.0 ** (-5 - h)) for h in range(HV)]
-    g = xp.broadcast_to(
-        xp.asarray(heads, dtype=xp.float64 if wide else xp.float32, device=device(v)), (N, HV)
-    )
+    g = retention_gate(q, k, v, "[N, HV, V]")
     return simple_gla(
         q,
         k,
