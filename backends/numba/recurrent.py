@@ -8,11 +8,12 @@ a token's first step, the read at its last)::
     S  = S' + k_r u^T
     o  = S^T q~_t = S'^T q~_t + (k_r . q~_t) u    q~ = scale * q (l2-normalised first if asked)
 
-The state is kept as ``Diag(c) S~`` with the running decay ``c = prod alpha`` (float64, per
-key row) outside ``S~``: a step then costs exactly one pass over ``S~`` that writes ``k/c u^T``
-and accumulates ``S~^T (c k)`` and ``S~^T (c q)`` for the next step
-(:mod:`._passes`). When some ``c`` falls below ``TINY`` (or is 0: a ``-inf`` gate is a hard
-reset) the pass also multiplies the rows by ``c`` and ``c`` restarts at 1.
+The state is kept as ``Diag(c) S~`` with the running decay ``c = prod alpha`` (a float64 scalar
+per head, or a vector per key row in the compute dtype) outside ``S~``: a step then costs
+exactly one pass over ``S~`` that writes ``k/c u^T`` and accumulates ``S~^T (c k)`` and ``S~^T
+(c q)`` for the next step (:mod:`._passes`). When some ``c`` falls below ``TINY`` (or is 0: a
+``-inf`` gate is a hard reset) the pass also multiplies the rows by ``c`` and ``c`` restarts at
+1.
 
 Work is split into tasks (sequence, value head, range of value blocks) run in parallel with
 ``prange``; the per-step vectors (``k/c``, ``c k``, ``c q``, ``k . q``) are computed once per
@@ -67,6 +68,7 @@ def _prepare(
     rc: int,
     n_sub: int,
     gate_kind: int,
+    erase: bool,
     l2norm: bool,
     scale: float,
     c: Array,
@@ -85,11 +87,11 @@ def _prepare(
 ) -> None:
     """Per-step vectors of steps ``r0 .. r0+rc-1`` of one (sequence, value head), rows 1..rc.
 
-    Per-key-row decays (``gate_kind == 2``, running decay ``c[:K]``): ``KA = k / c`` (the
-    write), ``KB = c k`` and ``QB = c q~`` (the reads), ``CW = CR = 1``. No decay or one per
-    head (running decay ``c[K]``): ``KA = k`` (``KB`` is left alone: the passes read with
-    ``KA``), ``QB = q~``, and the decay scales the value-sized vectors instead, ``CR = c`` for
-    the reads and ``CW = 1 / c`` for the write. ``QB = 0`` where the step has no output;
+    Per-key-row decays (``gate_kind == 2``, running decay ``cd``): ``KA = k / c`` (the write),
+    ``KB = c k`` (only with ``erase``) and ``QB = c q~`` (the reads), ``CW = CR = 1``. No decay
+    or one per head (running decay ``c[K]``): ``KA = k`` (``KB`` is left alone: the passes read
+    with ``KA``), ``QB = q~``, and the decay scales the value-sized vectors instead, ``CR = c``
+    for the reads and ``CW = 1 / c`` for the write. ``QB = 0`` where the step has no output;
     ``KQ = k . q~``. ``RVF`` flags the steps whose decay renormalises ``S~`` by ``RV`` (the
     running decay, which then restarts at 1). ``c`` is carried from chunk to chunk.
     """
@@ -150,23 +152,30 @@ def _prepare(
         KQ[i] = kq
         renorm = False
         if gate_kind == 2:
+            # cd: the running decay per key row, in the compute dtype (as the plain
+            # recurrence would round it).
             if sub == 0:
                 tiny = 0
                 for x in range(K):
-                    cx = c[x] * alpha[1, i - 1, x]
-                    c[x] = cx
+                    cx = cd[x] * alpha[1, i - 1, x]
+                    cd[x] = cx
                     tiny += cx < TINY
                 if tiny:
                     renorm = True
                     for x in range(K):
-                        RV[i, x] = c[x]
-                        c[x] = 1.0
-            for x in range(K):
-                cd[x] = c[x]
-            for x in range(K):
-                KB[i, x] = KA[i, x] * cd[x]
-                QB[i, x] = QB[i, x] * cd[x]
-                KA[i, x] = KA[i, x] / cd[x]
+                        RV[i, x] = cd[x]
+                        cd[x] = 1.0
+            if erase:
+                for x in range(K):
+                    cx = cd[x]
+                    KB[i, x] = KA[i, x] * cx
+                    QB[i, x] = QB[i, x] * cx
+                    KA[i, x] = KA[i, x] / cx
+            else:
+                for x in range(K):
+                    cx = cd[x]
+                    QB[i, x] = QB[i, x] * cx
+                    KA[i, x] = KA[i, x] / cx
         elif gate_kind == 1 and sub == 0:
             c[K] *= math.exp(np.float64(gate[b, t, hv, 0]))
             if c[K] < TINY:
@@ -305,6 +314,8 @@ def _task(
     red = np.empty(TC * K if gate_kind == 2 else 1, dt)
     RVF = np.zeros(n1, np.bool_)
     c = np.ones(K + 1, np.float64)
+    cd[:] = 1.0
+    KBv[:] = 0.0
     W[:] = 0.0
     KA[0] = 0.0
     sc[:] = 0.0  # sc[2] stays 0: a zero of the compute dtype to start sums from
@@ -334,7 +345,7 @@ def _task(
                 c0, c1,
             )  # fmt: skip
         _prepare(
-            q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, l2norm, scale,
+            q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
             c, alpha, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
         )  # fmt: skip
         if erase and not beta_per_value:
@@ -363,7 +374,7 @@ def _task(
         return
     # The last write, with the running decay folded back into the state.
     for x in range(K):
-        RV[1, x] = c[x] if gate_kind == 2 else c[K]
+        RV[1, x] = cd[x] if gate_kind == 2 else c[K]
         QB[1, x] = 0.0
     for x in range(nb):
         j0 = (vb0 + x) * VB
