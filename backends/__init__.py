@@ -6,5 +6,6 @@ third-party plugin.
 """
 
 from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
+from fastweights._validate import Call
 
-__all__ = ["Backend", "BackendInfo", "get_backend", "list_backends"]
+__all__ = ["Backend", "BackendInfo", "Call", "get_backend", "list_backends"]

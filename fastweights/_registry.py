@@ -33,7 +33,15 @@ class Backend(Protocol):
     ``step_ops`` lists the ops it decodes. ``unavailable()`` and ``rejects(call)`` return a
     reason (str) or None; both must be cheap and must not import heavy modules before needed.
     ``run(call)`` returns ``(o, final_state)``; ``step(call)`` updates ``call.state_pool``
-    (in place where the namespace allows) and returns ``(o, state)``.
+    (in place where the namespace allows) and returns ``(o, state)``. See the plugin guide
+    of the documentation for a complete example.
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> from fastweights.backends import Backend, get_backend
+    >>> isinstance(get_backend("reference"), Backend)
+    True
     """
 
     name: str
@@ -52,7 +60,32 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """One row of :func:`list_backends`."""
+    """One row of :func:`list_backends`.
+
+    Attributes
+    ----------
+    name : str
+        The entry-point name, as given to ``backend=``.
+    available : bool
+        Whether it can run here (its module imports, its hardware is present).
+    reason : str or None
+        Why not, when it is unavailable.
+    priority : int
+        Rank in the automatic choice (higher first).
+    ops : dict
+        Op name -> the forms the backend implements.
+    step_ops : tuple of str
+        Ops it decodes (:mod:`fastweights.step`).
+    source : str
+        The module that provides it.
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> row = next(b for b in fastweights.backends.list_backends() if b.name == "reference")
+    >>> row.available, row.priority, row.ops["kda"]
+    (True, 0, ('recurrent', 'chunk'))
+    """
 
     name: str
     available: bool
@@ -118,7 +151,18 @@ def _reset() -> None:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend registered as ``name``; TypeError naming the known ones otherwise."""
+    """The backend registered as ``name``; TypeError naming the known ones otherwise.
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> fastweights.backends.get_backend("reference").priority
+    0
+    >>> fastweights.backends.get_backend("no_such_backend")
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown backend 'no_such_backend'; known backends: ...
+    """
     backends = _load()
     if name not in backends:
         known = ", ".join(sorted(backends))

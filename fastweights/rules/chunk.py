@@ -11,8 +11,8 @@ chunk, ``Gamma_rs = exp(b_r - b_s)`` for ``r >= s``)::
     S  <- Diag(exp(b_C)) S + (K * exp(b_C - b))^T U'
 
 The intra-chunk parts are computed for all chunks at once with matrix products; only the
-state passes sequentially from chunk to chunk, so memory is ``O(T C + (T/C) K V)``, never
-``O(T K V)``.
+state passes sequentially from chunk to chunk, so memory is ``O(T (C + K + V) + K V)`` (the
+scores of every chunk and one state), never a state per token or per chunk.
 
 Numerics: every decay factor is ``exp`` of a sum of gates over an interval, accumulated
 directly (forward or reverse cumulative sums, segment sums), never as a difference of two

@@ -45,6 +45,17 @@ class Call:
         ``initial_state`` is a pair ``(S, z)`` for ``linear_attn(normalize=True)``.
     kwargs : dict
         Non-array keywords (``scale``, ``normalize``, ``use_qk_l2norm``, ``num_householder``).
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> from fastweights.testing import random_call
+    >>> call = random_call("gla", batch=1, length=4)
+    >>> sorted(call.arrays), call.op
+    (['gk', 'initial_state', 'k', 'q', 'v'], 'gla')
+    >>> o, state = call.run(fastweights.gla, output_final_state=True)
+    >>> o.shape, state.shape
+    ((1, 4, 2, 7), (1, 2, 12, 7))
     """
 
     op: str
@@ -120,6 +131,14 @@ class GoldenCase(Call):
     final_state : numpy.ndarray or None
         Expected final state, when the case records one (call with
         ``output_final_state=True`` then).
+
+    Examples
+    --------
+    >>> import fastweights
+    >>> from fastweights.testing import load_golden_cases
+    >>> case = next(c for c in load_golden_cases() if c.name == "gla_basic")
+    >>> o, final = case.run(fastweights.gla, output_final_state=case.has_final_state)
+    >>> case.check(o, final, dtype="float64", form="recurrent")  # raises if it differs
     """
 
     name: str = ""
@@ -228,6 +247,15 @@ def random_call(
         ``beta`` of shape ``[B, T, HV, V]``.
     normalize, use_qk_l2norm, scale
         Keywords of the op (``normalize`` only for ``linear_attn``).
+
+    Examples
+    --------
+    Three packed sequences (one of them empty) with two value heads per key head:
+
+    >>> from fastweights.testing import random_call
+    >>> call = random_call("gated_delta_rule", seqlens=[5, 0, 3], groups=2)
+    >>> call.arrays["cu_seqlens"].tolist(), call.arrays["q"].shape, call.arrays["v"].shape
+    ([0, 5, 5, 8], (1, 8, 2, 12), (1, 8, 4, 7))
     """
     rng = np.random.default_rng(seed)
     if seqlens is not None:

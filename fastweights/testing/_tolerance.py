@@ -12,6 +12,13 @@ def to_numpy(x: Any) -> Any:
 
     Tuples (the ``(S, z)`` state of normalised linear attention) are converted element-wise;
     None stays None.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from fastweights.testing import to_numpy
+    >>> to_numpy(xp.asarray([1.0, 2.0]))
+    array([1., 2.])
     """
     if x is None or isinstance(x, np.ndarray):
         return x
@@ -29,7 +36,15 @@ def to_numpy(x: Any) -> Any:
 
 
 def to_namespace(x: Any, xp: Any) -> Any:
-    """Convert a NumPy array (or a tuple of them) to namespace ``xp`` (None or NumPy: no-op)."""
+    """Convert a NumPy array (or a tuple of them) to namespace ``xp`` (None or NumPy: no-op).
+
+    Examples
+    --------
+    >>> import numpy as np, array_api_strict as xp
+    >>> from fastweights.testing import to_namespace
+    >>> type(to_namespace(np.ones(2), xp)).__module__.split(".")[0]
+    'array_api_strict'
+    """
     if x is None or xp is None or xp is np or getattr(xp, "__name__", "") == "numpy":
         return x
     if isinstance(x, tuple):

@@ -171,6 +171,18 @@ def linear_attn(
         ``[B, T, HV, V]``.
     final_state : numpy.ndarray or tuple or None
         ``[N, HV, K, V]`` (with ``z`` ``[N, HV, K]`` when normalising).
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("linear_attn", length=9)
+    >>> o_loop, s_loop = call.run(naive.linear_attn, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.linear_attn, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(
         q,
@@ -189,12 +201,37 @@ def simple_gla(q: Any, k: Any, v: Any, g: Any, **common: Any) -> tuple[np.ndarra
     """Scalar decay, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``; ``g``: ``[B, T, HV]``.
 
     Keywords as in :func:`linear_attn` (without ``normalize``).
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("simple_gla", length=9)
+    >>> o_loop, s_loop = call.run(naive.simple_gla, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.simple_gla, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, g=g, **common)
 
 
 def retention(q: Any, k: Any, v: Any, **common: Any) -> tuple[np.ndarray, Any]:
-    """:func:`simple_gla` with the fixed decay ``g_h = log(1 - 2**(-5 - h))`` per value head."""
+    """:func:`simple_gla` with the fixed decay ``g_h = log(1 - 2**(-5 - h))`` per value head.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("retention", length=9)
+    >>> o_loop, s_loop = call.run(naive.retention, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.retention, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
+    """
     v_arr = np.asarray(v)
     batch, length, hv = v_arr.shape[:3]
     g_h = np.log(1.0 - 2.0 ** (-5.0 - np.arange(hv)))
@@ -206,6 +243,18 @@ def gla(q: Any, k: Any, v: Any, gk: Any, **common: Any) -> tuple[np.ndarray, Any
     """Per-key-channel decay, ``S_t = Diag(exp(gk_t)) S_{t-1} + k_t v_t^T``.
 
     ``gk``: ``[B, T, HV, K]``; keywords as in :func:`simple_gla`.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("gla", length=9)
+    >>> o_loop, s_loop = call.run(naive.gla, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.gla, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, gk=gk, **common)
 
@@ -214,6 +263,18 @@ def delta_rule(q: Any, k: Any, v: Any, beta: Any, **common: Any) -> tuple[np.nda
     """DeltaNet, ``S_t = S_{t-1} + k_t (beta_t * (v_t - S_{t-1}^T k_t))^T``.
 
     ``beta``: ``[B, T, HV]`` or ``[B, T, HV, V]``; keywords as in :func:`simple_gla`.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("delta_rule", length=9)
+    >>> o_loop, s_loop = call.run(naive.delta_rule, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.delta_rule, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, beta=beta, **common)
 
@@ -224,6 +285,18 @@ def gated_delta_rule(
     """Gated DeltaNet: decay ``S' = exp(g_t) S_{t-1}``, then the delta step on ``S'``.
 
     Keywords as in :func:`simple_gla`.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("gated_delta_rule", length=9)
+    >>> o_loop, s_loop = call.run(naive.gated_delta_rule, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.gated_delta_rule, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, g=g, beta=beta, **common)
 
@@ -232,6 +305,18 @@ def kda(q: Any, k: Any, v: Any, gk: Any, beta: Any, **common: Any) -> tuple[np.n
     """Kimi Delta Attention: :func:`gated_delta_rule` with the decay ``Diag(exp(gk_t))``.
 
     Keywords as in :func:`simple_gla`.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("kda", length=9)
+    >>> o_loop, s_loop = call.run(naive.kda, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.kda, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, gk=gk, beta=beta, **common)
 
@@ -251,5 +336,17 @@ def delta_product(
     ``k``, ``v``, ``beta`` have ``T * num_householder`` rows (rows ``t*n .. t*n+n-1`` belong to
     token ``t``); ``q``, ``g`` and ``o`` have ``T`` rows; ``cu_seqlens`` counts tokens.
     Keywords as in :func:`simple_gla`.
+
+    Examples
+    --------
+    The loop and the library compute the same function:
+
+    >>> import fastweights
+    >>> from fastweights.testing import naive, random_call, relative_rms
+    >>> call = random_call("delta_product", length=9)
+    >>> o_loop, s_loop = call.run(naive.delta_product, output_final_state=True)
+    >>> o_lib, s_lib = call.run(fastweights.delta_product, output_final_state=True)
+    >>> relative_rms(o_lib, o_loop) < 1e-12, relative_rms(s_lib, s_loop) < 1e-12
+    (True, True)
     """
     return _scan(q, k, v, g=g, beta=beta, num_householder=num_householder, **common)

@@ -1,4 +1,7 @@
-"""The examples in :mod:`fastweights.testing`'s docstrings run and print what they say."""
+"""The examples in the public docstrings run and print what they say.
+
+The documentation build runs them too (``sphinx-build -b doctest``); this keeps them in the
+README's test command."""
 
 from __future__ import annotations
 
@@ -8,6 +11,11 @@ import importlib
 import pytest
 
 MODULES = [
+    "fastweights",
+    "fastweights._api",
+    "fastweights._registry",
+    "fastweights._validate",
+    "fastweights.step",
     "fastweights.testing",
     "fastweights.testing.naive",
     "fastweights.testing._cases",
