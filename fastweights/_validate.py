@@ -28,6 +28,15 @@ class Call:
     ``num_householder``, 1 except for ``delta_product``), gates ``[B, T, HV(, K)]`` and
     ``beta: [B, T*n, HV(, V)]``. Decoding calls (``state_pool`` set) arrive in the same layout
     with ``T == 1``.
+
+    Examples
+    --------
+    A backend's ``run`` and ``step`` receive one; its fields:
+
+    >>> import dataclasses
+    >>> from fastweights.backends import Call
+    >>> [f.name for f in dataclasses.fields(Call)][:9]
+    ['op', 'spec', 'xp', 'device', 'q', 'k', 'v', 'g', 'gk']
     """
 
     op: str
@@ -99,7 +108,7 @@ def _check_arrays(arrays: dict[str, Any]) -> tuple[ModuleType, Any, Any]:
     """Common namespace, device and compute dtype of the named arrays."""
     first_name, first = next(iter(arrays.items()))
     xp = _namespace(first_name, first)
-    dev = array_api_compat.device(first)
+    dev, dev_name = array_api_compat.device(first), first_name
     wide = False
     for name, x in arrays.items():
         if x is None:
@@ -110,10 +119,14 @@ def _check_arrays(arrays: dict[str, Any]) -> tuple[ModuleType, Any, Any]:
                 f"{name} is a {other.__name__} array but {first_name} is a {xp.__name__} "
                 "array; pass arrays of one library"
             )
-        if array_api_compat.device(x) != dev:
+        # A JAX tracer (inside jax.jit, vmap or grad) has no device (None): it matches any.
+        here = array_api_compat.device(x)
+        if dev is None:
+            dev, dev_name = here, name
+        elif here is not None and here != dev:
             raise TypeError(
-                f"{name} is on device {array_api_compat.device(x)} but {first_name} is on "
-                f"{dev}; move the arrays to one device first"
+                f"{name} is on device {here} but {dev_name} is on {dev}; move the arrays "
+                "to one device first"
             )
         wide |= _float_kind(name, x, xp) == xp.float64
     return xp, dev, xp.float64 if wide else xp.float32
@@ -183,9 +196,24 @@ def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray:
     return cu
 
 
+def _is_traced(x: Any) -> bool:
+    """A JAX tracer (inside ``jax.jit``, ``vmap``, ``grad``): its values cannot be read."""
+    if not array_api_compat.is_jax_array(x):
+        return False
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
-    # NaN compares False and passes: values are not checked (API.md).
-    if bool(xp.any(x > 0)):
+    # NaN compares False and passes: values are not checked (API.md). Under jax.jit even a
+    # concrete gate's comparison is traced and cannot be read: there the sign is a promise.
+    if _is_traced(x):
+        return
+    positive = xp.any(x > 0)
+    if _is_traced(positive):
+        return
+    if bool(positive):
         raise ValueError(f"{name} is a log-decay and must be <= 0 (decay = exp({name}) <= 1)")
 
 

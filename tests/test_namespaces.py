@@ -132,6 +132,29 @@ def test_jax_decoding_returns_a_new_state(op: str) -> None:
     assert_result((decoded.o, decoded.state), want, dtype="float32", form="recurrent")
 
 
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "kda"])
+def test_jax_jit_with_gates(op: str) -> None:
+    """Under jax.jit the gates are tracers: their sign cannot be read, and they have no
+    device; both checks must let them through (and still run on concrete arrays)."""
+    jnp = _jax()
+    import jax
+
+    call = random_call(op, seed=10, length=12, initial_state=False).cast(np.float32)
+    args, kwargs = call.arguments(jnp)
+    fn = getattr(fastweights, op)
+    # q and k stay concrete (closed over), the rest is traced: mixed inputs in one call.
+    jitted = jax.jit(lambda *rest: fn(args[0], args[1], *rest, **kwargs, form="chunk")[0])
+    o = jitted(*args[2:])
+    assert_result((o, None), (call.expected()[0], None), dtype="float32", form="chunk")
+    # Inside a trace even a concrete gate's comparison is traced (jit of grad, gate closed over).
+    grad = jax.jit(jax.grad(lambda v: fn(args[0], args[1], v, *args[3:], **kwargs)[0].sum()))
+    assert grad(args[2]).shape == args[2].shape
+    bad = list(args)
+    bad[3] = -bad[3] + 1.0  # the gate (g or gk), now positive somewhere
+    with pytest.raises(ValueError, match="log-decay"):
+        fn(*bad, **kwargs)
+
+
 @pytest.mark.parametrize("kind", ["list", "tuple", "int32", "array_api_strict"])
 def test_state_indices_may_be_any_integer_array_like(kind: str) -> None:
     call = random_call("gated_delta_rule", seed=9, batch=2, length=3)
