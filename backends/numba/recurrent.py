@@ -33,7 +33,9 @@ from ._math import exp_f32, exp_f64
 from ._passes import (
     VB,
     chunk_delta,
+    chunk_delta_direct,
     chunk_hebb,
+    chunk_hebb_direct,
     gather_rows,
     pass_hebb_scaled,
     pass_load,
@@ -358,6 +360,19 @@ def _task(
                 pass_load(Sb, x, state_in, in_row, hv, j0, RV, RVF[1], KB, QB, PK, PQ)
             # Step 0 needs no pass of its own after pass_load or from a zero state.
             i0 = 1 if r0 == 0 and not (has_init and nv < VB) else 0
+            if nv == VB and n_sub == 1:
+                # A full block of an op with one step per token: v in, o out, no copies.
+                if erase:
+                    chunk_delta_direct(
+                        Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, v, beta, BS,
+                        beta_per_value, o, b, rb + r0, hv, j0, i0, rc,
+                    )  # fmt: skip
+                else:
+                    chunk_hebb_direct(
+                        Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, v, o, b, rb + r0, hv, j0,
+                        i0, rc,
+                    )  # fmt: skip
+                continue
             gather_rows(v, b, rb + r0, hv, j0, nv, rc, VC)
             if erase:
                 if beta_per_value:

@@ -81,6 +81,17 @@ def test_value_blocks(op: str, value_dim: int, dtype: str, form: str) -> None:
     _compare(call, dtype, form=form, chunk_size=16)
 
 
+@pytest.mark.parametrize("value_dim", [64, 128, 130])
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule", "kda"])
+def test_per_value_beta_in_full_blocks_of_packed_sequences(op: str, value_dim: int) -> None:
+    """Full value blocks read v and beta and write o in place (no copies), packed or not."""
+    call = random_call(
+        op, seed=9, seqlens=[5, 0, 37, 18], key_dim=24, value_dim=value_dim, beta_per_value=True
+    )
+    _compare(call, "float32", form="recurrent")
+    _compare(call, "float64", form="recurrent")
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("gates", ["strong", "reset", "zero"])
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule", "kda", "delta_product"])
