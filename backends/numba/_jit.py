@@ -47,7 +47,12 @@ DISABLE_JIT = bool(getattr(config, "DISABLE_JIT", False))
 if DISABLE_JIT:
 
     def jit(
-        *, nrt: bool = True, reduce: bool = False, noalias: bool = False, parallel: bool = False
+        *,
+        nrt: bool = True,
+        reduce: bool = False,
+        noalias: bool = False,
+        parallel: bool = False,
+        inline: bool = False,
     ) -> Decorator:
         """The function itself (pure-Python mode)."""
         return lambda func: func
@@ -80,7 +85,12 @@ else:
             return [DefaultPassBuilder.define_nopython_pipeline(self.state)]
 
     def jit(
-        *, nrt: bool = True, reduce: bool = False, noalias: bool = False, parallel: bool = False
+        *,
+        nrt: bool = True,
+        reduce: bool = False,
+        noalias: bool = False,
+        parallel: bool = False,
+        inline: bool = False,
     ) -> Decorator:
         """``njit`` with ``cache=True``, no bounds checks, the GIL released and the options above.
 
@@ -94,6 +104,9 @@ else:
             The array arguments do not overlap (see the module docstring).
         parallel : bool
             The function has a ``prange`` loop.
+        inline : bool
+            Inline into every caller at numba's IR level (``inline="always"``): small helpers
+            inside loops that must vectorise.
         """
         options: dict[str, Any] = {
             "cache": True,
@@ -108,6 +121,8 @@ else:
             options["pipeline_class"] = NoAliasCompiler
         if parallel:
             options["parallel"] = True
+        if inline:
+            options["inline"] = "always"
         return njit(**options)
 
     @intrinsic

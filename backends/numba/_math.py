@@ -24,6 +24,54 @@ UNDERFLOW32 = -87.0
 Array = Any
 
 
+@jit(inline=True)
+def _reduce_f64(g: float) -> tuple[int, float]:
+    """``g = m ln2 + r``: the exponent bits of ``2^m`` and ``r``, ``|r| <= ln2 / 2``."""
+    m = np.floor(g * LOG2E + 0.5)
+    m = m if m > -1022.0 else -1022.0
+    return (np.int64(m) + 1023) << 52, (g - m * LN2_HI) - m * LN2_LO
+
+
+@jit(inline=True)
+def _poly_f64(r: float) -> float:
+    """``exp(r)`` for ``|r| <= ln2 / 2`` (Taylor, degree 12)."""
+    p = 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    return p * r + 1.0
+
+
+@jit(inline=True)
+def _reduce_f32(g: float) -> tuple[int, float]:
+    """As :func:`_reduce_f64`, in float32."""
+    m = np.floor(g * np.float32(LOG2E) + np.float32(0.5))
+    m = m if m > np.float32(-126.0) else np.float32(-126.0)
+    bits = (np.int32(m) + np.int32(127)) << np.int32(23)
+    return bits, (g - m * np.float32(0.693359375)) - m * np.float32(-2.12194440e-4)
+
+
+@jit(inline=True)
+def _poly_f32(r: float) -> float:
+    """``exp(r)`` for ``|r| <= ln2 / 2`` in float32 (Taylor, degree 7)."""
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    return p * r + np.float32(1.0)
+
+
 @jit(nrt=False)
 def exp_f64(src: Array, out: Array, bits: Array, red: Array) -> None:
     """``out = exp(src)`` in float64 (error < 2e-16 relative).
@@ -33,26 +81,9 @@ def exp_f64(src: Array, out: Array, bits: Array, red: Array) -> None:
     prefer_512()
     n = out.shape[0]
     for x in range(n):
-        g = np.float64(src[x])
-        m = np.floor(g * LOG2E + 0.5)
-        m = m if m > -1022.0 else -1022.0
-        bits[x] = (np.int64(m) + 1023) << 52
-        red[x] = (g - m * LN2_HI) - m * LN2_LO
+        bits[x], red[x] = _reduce_f64(np.float64(src[x]))
     for x in range(n):
-        r = red[x]
-        p = 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
+        p = _poly_f64(red[x])
         out[x] = 0.0 if np.float64(src[x]) < UNDERFLOW else p * out[x]
 
 
@@ -65,19 +96,43 @@ def exp_f32(src: Array, out: Array, bits: Array, red: Array) -> None:
     prefer_512()
     n = out.shape[0]
     for x in range(n):
-        g = src[x]
-        m = np.floor(g * np.float32(LOG2E) + np.float32(0.5))
-        m = m if m > np.float32(-126.0) else np.float32(-126.0)
-        bits[x] = (np.int32(m) + np.int32(127)) << np.int32(23)
-        red[x] = (g - m * np.float32(0.693359375)) - m * np.float32(-2.12194440e-4)
+        bits[x], red[x] = _reduce_f32(src[x])
     for x in range(n):
-        r = red[x]
-        p = np.float32(1.0 / 5040.0)
-        p = p * r + np.float32(1.0 / 720.0)
-        p = p * r + np.float32(1.0 / 120.0)
-        p = p * r + np.float32(1.0 / 24.0)
-        p = p * r + np.float32(1.0 / 6.0)
-        p = p * r + np.float32(0.5)
-        p = p * r + np.float32(1.0)
-        p = p * r + np.float32(1.0)
+        p = _poly_f32(red[x])
         out[x] = np.float32(0.0) if src[x] < np.float32(UNDERFLOW32) else p * out[x]
+
+
+@jit(nrt=False)
+def decay_rows_f64(src: Array, c: Array, scratch: Array, red: Array, tiny: float) -> int:
+    """``c *= exp(src)`` over ``c``'s length (float64); returns how many ``c`` fell below
+    ``tiny``. ``src`` may be a :func:`row` pointer; ``scratch`` and ``red`` are float64 arrays
+    of ``c``'s size. The running decay of the per-key-row gates, fused with its ``exp``."""
+    prefer_512()
+    n = c.shape[0]
+    bits = scratch.view(np.int64)
+    for x in range(n):
+        bits[x], red[x] = _reduce_f64(np.float64(src[x]))
+    count = 0
+    for x in range(n):
+        a = 0.0 if np.float64(src[x]) < UNDERFLOW else _poly_f64(red[x]) * scratch[x]
+        cx = c[x] * a
+        c[x] = cx
+        count += cx < tiny
+    return count
+
+
+@jit(nrt=False)
+def decay_rows_f32(src: Array, c: Array, scratch: Array, red: Array, tiny: float) -> int:
+    """As :func:`decay_rows_f64`, in float32."""
+    prefer_512()
+    n = c.shape[0]
+    bits = scratch.view(np.int32)
+    for x in range(n):
+        bits[x], red[x] = _reduce_f32(src[x])
+    count = 0
+    for x in range(n):
+        a = np.float32(0.0) if src[x] < np.float32(UNDERFLOW32) else _poly_f32(red[x]) * scratch[x]
+        cx = c[x] * a
+        c[x] = cx
+        count += cx < tiny
+    return count

@@ -29,7 +29,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, prefer_512, prefetch, prefetch_write, row
-from ._math import exp_f32, exp_f64
+from ._math import decay_rows_f32, decay_rows_f64
 from ._passes import (
     VB,
     chunk_delta,
@@ -74,7 +74,7 @@ def _prepare(
     l2norm: bool,
     scale: float,
     c: Array,
-    alpha: Array,
+    escr: Array,
     red: Array,
     cd: Array,
     KA: Array,
@@ -99,25 +99,6 @@ def _prepare(
     """
     prefer_512()
     K = KA.shape[1]
-    if gate_kind == 2:
-        # The decays of the whole chunk in one vectorised exp: rows of alpha[0] are the log
-        # decays, rows of alpha[1] their exp (ones where a step has no decay).
-        for i in range(rc):
-            r = r0 + i
-            tt = r // n_sub
-            if r - tt * n_sub == 0:
-                grow = row(gate, b, t0 + tt, hv, 0)
-                for x in range(K):
-                    alpha[0, i, x] = grow[x]
-            else:
-                for x in range(K):
-                    alpha[0, i, x] = 0.0
-        g = alpha[0, :rc].reshape(rc * K)
-        a = alpha[1, :rc].reshape(rc * K)
-        if alpha.itemsize == 4:
-            exp_f32(g, a, a.view(np.int32), red[: rc * K])
-        else:
-            exp_f64(g, a, a.view(np.int64), red[: rc * K])
     for i in range(1, rc + 1):
         r = r0 + i - 1
         tt = r // n_sub
@@ -157,11 +138,11 @@ def _prepare(
             # cd: the running decay per key row, in the compute dtype (as the plain
             # recurrence would round it).
             if sub == 0:
-                tiny = 0
-                for x in range(K):
-                    cx = cd[x] * alpha[1, i - 1, x]
-                    cd[x] = cx
-                    tiny += cx < TINY
+                grow = row(gate, b, t, hv, 0)
+                if cd.itemsize == 4:
+                    tiny = decay_rows_f32(grow, cd, escr, red, TINY)
+                else:
+                    tiny = decay_rows_f64(grow, cd, escr, red, TINY)
                 if tiny:
                     renorm = True
                     for x in range(K):
@@ -312,8 +293,8 @@ def _task(
     cd = buf[o0 : o0 + K]
     BS = buf[o0 + K : o0 + K + TC]
     sc = buf[o0 + K + TC : o0 + K + TC + 3]
-    alpha = np.empty((2, TC, K) if gate_kind == 2 else (2, 1, 1), dt)
-    red = np.empty(TC * K if gate_kind == 2 else 1, dt)
+    escr = np.empty(K, dt)  # scratch of the per-key-row exp
+    red = np.empty(K, dt)
     RVF = np.zeros(n1, np.bool_)
     c = np.ones(K + 1, np.float64)
     cd[:] = 1.0
@@ -348,7 +329,7 @@ def _task(
             )  # fmt: skip
         _prepare(
             q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
-            c, alpha, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
+            c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
         )  # fmt: skip
         if erase and not beta_per_value:
             for i in range(rc):
