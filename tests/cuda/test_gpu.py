@@ -53,7 +53,8 @@ def test_automatic_choice_takes_cupy_for_cupy_arrays(cp):
     assert _registry.select(checked, None).name == "cupy"
 
 
-@pytest.mark.parametrize("K", [8, 64, 128, 256])
+# One K per tile height (8, 16, 32, 64, 128, 256 rows), two of them padded (13, 100).
+@pytest.mark.parametrize("K", [8, 13, 32, 64, 100, 128, 256])
 @pytest.mark.parametrize("op", ["kda", "gated_delta_rule", "linear_attn"])
 def test_large_heads_every_tile(cp, op, K):
     call = random_call(op, seed=K, batch=2, length=40, heads=2, groups=2, key_dim=K, value_dim=72)
