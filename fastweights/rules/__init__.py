@@ -33,9 +33,9 @@ def auto_form(call: Call) -> str:
 
     The chunk form (matrix products over all chunks at once) wherever the call has it, except
     for per-key-channel decays (``gla``, ``kda``): their elementwise diagonal blocks make the
-    chunk form no faster than the recurrent one on NumPy (asv, 2-core Xeon, T=8192, H=4,
-    K=V=128: gla 8.3k vs 8.1k tokens/s, kda 4.5k vs 7.6k; K=V=64: gla 16k vs 26k, kda 8.7k vs
-    24k; see docs/performance.md).
+    chunk form no faster than the recurrent one on NumPy (asv on 832615d, 2-core Xeon, T=8192,
+    H=4, K=V=128: gla 8.3k vs 8.1k tokens/s, kda 4.5k vs 7.6k; K=V=64: gla 16k vs 26k, kda 8.7k
+    vs 24k; docs/forms.md has the same comparison from the latest run).
     """
     unavailable = form_unavailable(
         call.op, "chunk", packed=call.cu_seqlens is not None, beta_per_value=call.beta_per_value
