@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from fastweights.rules._layout import L2NORM_EPS
+
 from ._jit import jit, prefer_512, row
 from ._math import exp_f32, exp_f64
 
 SUB = 16
-L2NORM_EPS = 1e-6
 
 Array = Any
 _mm = jit(nrt=False, noalias=True)

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from fastweights.rules._layout import L2NORM_EPS
+
 from ._jit import jit, prefer_512, prefetch, prefetch_write, row
 from ._math import decay_rows_f32, decay_rows_f64
 from ._passes import (
@@ -49,7 +51,6 @@ TC = 16
 TINY = 1e-18
 """Renormalise ``S~`` when a running decay ``c`` drops below this (or to 0)."""
 
-L2NORM_EPS = 1e-6
 
 PREFETCH_BYTES = 64
 

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from fastweights.rules._layout import L2NORM_EPS
+
 from ._jit import jit, prefer_512, row
 from ._math import exp_f32, exp_f64
 from ._passes import VB
-
-L2NORM_EPS = 1e-6
 
 Array = Any
 _pass = jit(nrt=False, noalias=True)
