@@ -71,7 +71,6 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 _REGISTRY_SCRIPT = textwrap.dedent(
     """
-    import importlib.util
     import warnings
 
     warnings.simplefilter("error")  # a plugin that fails to load would only warn
@@ -93,7 +92,7 @@ _REGISTRY_SCRIPT = textwrap.dedent(
     x = np.ones((1, 3, 2, 4), dtype=np.float32)
     g, beta = np.zeros((1, 3, 2), dtype=np.float32), np.ones((1, 3, 2), dtype=np.float32)
     call = validate("gated_delta_rule", x, x, x, g=g, beta=beta)
-    has_numba = importlib.util.find_spec("numba") is not None
+    has_numba = get_backend("numba").unavailable() is None
     chosen = select(call, None).name
     assert chosen == ("numba" if has_numba else "numpy_scan"), chosen
     # Without numba, the plugin is chosen before the reference backend ...

@@ -31,7 +31,10 @@ class NumbaBackend:
     step_ops = tuple(OPS)
 
     def unavailable(self) -> str | None:
-        if importlib.util.find_spec("numba") is None:
+        spec = importlib.util.find_spec("numba")
+        # A folder named numba on sys.path (e.g. a test directory) is a namespace package
+        # without an origin, not numba.
+        if spec is None or spec.origin is None:
             return "numba is not installed (pip install 'fastweights[numba]')"
         return None
 
