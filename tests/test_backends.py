@@ -177,3 +177,24 @@ def test_plugin_object_without_the_backend_attributes_only_warns(plugins: Any) -
     plugins(bogus=object())
     with pytest.warns(RuntimeWarning, match="bogus"):
         run(CALL)
+
+
+def test_a_folder_named_numba_is_not_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory ``numba/`` on sys.path (a namespace package) must not pass for numba."""
+    import importlib.machinery
+    import importlib.util
+
+    from fastweights.backends import get_backend
+
+    real = importlib.util.find_spec
+
+    def fake(name: str, *args: object) -> object:
+        if name == "numba":
+            spec = importlib.machinery.ModuleSpec("numba", None, is_package=True)
+            spec.submodule_search_locations = ["/somewhere/numba"]
+            return spec
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    reason = get_backend("numba").unavailable()
+    assert reason is not None and "not installed" in reason
