@@ -70,6 +70,13 @@ if DISABLE_JIT:
     def prefetch_write(p: Any, n: int) -> None:
         """No-op in pure-Python mode."""
 
+    def address(p: Any, n: int) -> int:
+        """0 in pure-Python mode (the address of ``p[n]`` when compiled)."""
+        return 0
+
+    def prefetch_at(a: int) -> None:
+        """No-op in pure-Python mode."""
+
 else:
     from llvmlite import ir
     from numba import types
@@ -154,20 +161,43 @@ else:
 
         return types.CPointer(arr.dtype)(arr, i, j, k, m), codegen
 
-    def _prefetcher(rw: int) -> Any:
+    def _prefetch(builder: Any, addr: Any, rw: int) -> None:
+        """``llvm.prefetch(addr, rw, locality 3: into L1, data)``."""
         i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [addr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [addr, *(ir.Constant(i32, c) for c in (rw, 3, 1))])
 
+    def _prefetcher(rw: int) -> Any:
         def prefetch(typingctx: Any, ptr: Any, n: Any) -> Any:
             def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-                addr = builder.gep(args[0], [args[1]])
-                fnty = ir.FunctionType(ir.VoidType(), [addr.type, i32, i32, i32])
-                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-                builder.call(fn, [addr, *(ir.Constant(i32, c) for c in (rw, 3, 1))])
+                _prefetch(builder, builder.gep(args[0], [args[1]]), rw)
                 return context.get_dummy_value()
 
             return types.void(ptr, n), codegen
 
         return intrinsic(prefetch)
+
+    @intrinsic
+    def address(typingctx: Any, ptr: Any, n: Any) -> Any:
+        """``address(p, n)``: the address of ``p[n]`` (``p`` from :func:`row`) as an int64,
+        for a list of cache lines to prefetch later with :func:`prefetch_at`."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.ptrtoint(builder.gep(args[0], [args[1]]), ir.IntType(64))
+
+        return types.int64(ptr, n), codegen
+
+    @intrinsic
+    def prefetch_at(typingctx: Any, addr: Any) -> Any:
+        """``prefetch_at(a)``: fetch the cache line at address ``a`` (from :func:`address`)
+        into L1 for reading. A prefetch never faults, whatever the address."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            _prefetch(builder, builder.inttoptr(args[0], ir.IntType(8).as_pointer()), 0)
+            return context.get_dummy_value()
+
+        return types.void(types.int64), codegen
 
     prefetch = _prefetcher(0)
     """``prefetch(p, n)``: fetch the cache line of ``p[n]`` (``p`` from :func:`row`) for reading.
@@ -215,4 +245,14 @@ def guard_cache(dispatcher: Any) -> None:
         pass  # another process got there first, or a read-only cache: numba copes
 
 
-__all__ = ["DISABLE_JIT", "guard_cache", "jit", "prefer_512", "prefetch", "prefetch_write", "row"]
+__all__ = [
+    "DISABLE_JIT",
+    "address",
+    "guard_cache",
+    "jit",
+    "prefer_512",
+    "prefetch",
+    "prefetch_at",
+    "prefetch_write",
+    "row",
+]

@@ -30,7 +30,7 @@ from numba import prange
 
 from fastweights.rules._layout import L2NORM_EPS
 
-from ._jit import jit, prefer_512, prefetch, prefetch_write, row
+from ._jit import address, jit, prefer_512, prefetch_at, row
 from ._math import decay_rows_f32, decay_rows_f64
 from ._passes import (
     VB,
@@ -52,7 +52,8 @@ TINY = 1e-18
 """Renormalise ``S~`` when a running decay ``c`` drops below this (or to 0)."""
 
 
-PREFETCH_BYTES = 64
+CACHE_LINE = 64
+"""Bytes per cache line: the kernel prefetches one address per line."""
 
 Array = Any
 
@@ -173,7 +174,7 @@ def _prepare(
 
 
 @jit(nrt=False)
-def _prefetch_chunk(
+def _prefetch_lines(
     q: Array,
     k: Array,
     v: Array,
@@ -190,13 +191,17 @@ def _prefetch_chunk(
     n_sub: int,
     c0: int,
     c1: int,
-) -> None:
-    """Prefetch the rows steps ``r0 .. r0+rc-1`` read and write (value columns ``c0 .. c1``).
+    PFA: Array,
+) -> int:
+    """Fill ``PFA`` with the addresses of the cache lines that steps ``r0 .. r0+rc-1`` read
+    and write (value columns ``c0 .. c1``); returns how many.
 
-    One prefetch per 128 bytes: the L2's adjacent-line prefetcher fetches the pair.
+    One head's rows sit ``H * K`` elements apart, a stride the hardware prefetchers do not
+    follow across pages, so the kernel prefetches them itself, a chunk ahead.
     """
     K = k.shape[3]
-    step = max(1, PREFETCH_BYTES // v.itemsize)
+    step = max(1, CACHE_LINE // v.itemsize)
+    n = 0
     for i in range(rc):
         r = r0 + i
         tt = r // n_sub
@@ -204,26 +209,34 @@ def _prefetch_chunk(
         kp = row(k, b, rb + r, h, 0)
         vp = row(v, b, rb + r, hv, c0)
         for x in range(0, K, step):
-            prefetch(kp, x)
+            PFA[n] = address(kp, x)
+            n += 1
         for x in range(0, c1 - c0, step):
-            prefetch(vp, x)
+            PFA[n] = address(vp, x)
+            n += 1
         if r - tt * n_sub == n_sub - 1:
             qp = row(q, b, t, h, 0)
             op = row(o, b, t, hv, c0)
             for x in range(0, K, step):
-                prefetch(qp, x)
+                PFA[n] = address(qp, x)
+                n += 1
             for x in range(0, c1 - c0, step):
-                prefetch_write(op, x)
+                PFA[n] = address(op, x)
+                n += 1
         if beta.shape[3] > 1:
             bp = row(beta, b, rb + r, hv, c0)
             for x in range(0, c1 - c0, step):
-                prefetch(bp, x)
+                PFA[n] = address(bp, x)
+                n += 1
         elif beta.shape[1] > 1:
-            prefetch(row(beta, b, rb + r, hv, 0), 0)
+            PFA[n] = address(row(beta, b, rb + r, hv, 0), 0)
+            n += 1
         if gate.shape[1] > 1 and r - tt * n_sub == 0:
             gp = row(gate, b, t, hv, 0)
             for x in range(0, gate.shape[3], step):
-                prefetch(gp, x)
+                PFA[n] = address(gp, x)
+                n += 1
+    return n
 
 
 @jit()
@@ -297,6 +310,10 @@ def _task(
     escr = np.empty(K, dt)  # scratch of the per-key-row exp
     red = np.empty(K, dt)
     RVF = np.zeros(n1, np.bool_)
+    c0 = vb0 * VB
+    c1 = min(vb1 * VB, V)
+    line = max(1, CACHE_LINE // v.itemsize)
+    PFA = np.empty(TC * (3 * -(-K // line) + 3 * -(-(c1 - c0) // line) + 1), np.int64)
     c = np.ones(K + 1, np.float64)
     cd[:] = 1.0
     KBv[:] = 0.0
@@ -318,16 +335,22 @@ def _task(
                 src = row(state_in, in_row, hv, i, j0)
                 for j in range(nv):
                     Sb[x, i, j] = src[j]
-    c0 = vb0 * VB
-    c1 = min(vb1 * VB, V)
-    _prefetch_chunk(q, k, v, gate, beta, o, b, h, hv, t0, rb, 0, min(TC, R), n_sub, c0, c1)
+    n = _prefetch_lines(
+        q, k, v, gate, beta, o, b, h, hv, t0, rb, 0, min(TC, R), n_sub, c0, c1, PFA
+    )  # fmt: skip
+    for x in range(n):
+        prefetch_at(PFA[x])
     for r0 in range(0, R, TC):
         rc = min(TC, R - r0)
+        # The passes of this chunk prefetch the next one's lines, `per` at each pass.
+        n = 0
         if r0 + TC < R:
-            _prefetch_chunk(
+            n = _prefetch_lines(
                 q, k, v, gate, beta, o, b, h, hv, t0, rb, r0 + TC, min(TC, R - r0 - TC), n_sub,
-                c0, c1,
+                c0, c1, PFA,
             )  # fmt: skip
+        lines = PFA[:n]
+        per = -(-n // (rc * nb))
         _prepare(
             q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
             c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
@@ -347,12 +370,12 @@ def _task(
                 if erase:
                     chunk_delta_direct(
                         Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, v, beta, BS,
-                        beta_per_value, o, b, rb + r0, hv, j0, i0, rc,
+                        beta_per_value, o, b, rb + r0, hv, j0, i0, rc, lines, x * rc * per, per,
                     )  # fmt: skip
                 else:
                     chunk_hebb_direct(
                         Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, v, o, b, rb + r0, hv, j0,
-                        i0, rc,
+                        i0, rc, lines, x * rc * per, per,
                     )  # fmt: skip
                 continue
             gather_rows(v, b, rb + r0, hv, j0, nv, rc, VC)
@@ -361,10 +384,13 @@ def _task(
                     gather_rows(beta, b, rb + r0, hv, j0, nv, rc, BC)
                 chunk_delta(
                     Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, VC, BS, BC,
-                    beta_per_value, OC, i0, rc,
+                    beta_per_value, OC, i0, rc, lines, x * rc * per, per,
                 )  # fmt: skip
             else:
-                chunk_hebb(Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, VC, OC, i0, rc)
+                chunk_hebb(
+                    Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, VC, OC, i0, rc, lines,
+                    x * rc * per, per,
+                )  # fmt: skip
             scatter_rows(OC, o, b, t0, hv, j0, nv, r0, rc, n_sub)
         KA[0] = KA[rc]
     if not write_state:
@@ -382,7 +408,7 @@ def _task(
             pass_store(Sb, x, W, KA, RV, state_out, out_row, hv, j0)
             continue
         else:
-            pass_hebb_scaled(Sb, x, W, KA, RV, QB, 0, PQ)
+            pass_hebb_scaled(Sb, x, W, KA, RV, QB, 0, PQ, PFA, 0, 0)
         for i in range(K):
             dst = row(state_out, out_row, hv, i, j0)
             for j in range(nv):
