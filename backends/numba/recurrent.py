@@ -17,7 +17,8 @@ exactly one pass over ``S~`` that writes ``k/c u^T`` and accumulates ``S~^T (c k
 
 Work is split into tasks (sequence, value head, range of value blocks) run in parallel with
 ``prange``; the per-step vectors (``k/c``, ``c k``, ``c q``, ``k . q``) are computed once per
-chunk of ``TC`` steps for all the task's value blocks.
+chunk of ``TC`` steps for all the task's value blocks, and the passes of a chunk prefetch the
+input rows of the next one (:func:`_prefetch_lines`).
 """
 
 from __future__ import annotations
