@@ -67,9 +67,6 @@ if DISABLE_JIT:
     def prefetch(p: Any, n: int) -> None:
         """No-op in pure-Python mode."""
 
-    def prefetch_write(p: Any, n: int) -> None:
-        """No-op in pure-Python mode."""
-
     def address(p: Any, n: int) -> int:
         """0 in pure-Python mode (the address of ``p[n]`` when compiled)."""
         return 0
@@ -161,22 +158,23 @@ else:
 
         return types.CPointer(arr.dtype)(arr, i, j, k, m), codegen
 
-    def _prefetch(builder: Any, addr: Any, rw: int) -> None:
-        """``llvm.prefetch(addr, rw, locality 3: into L1, data)``."""
+    def _prefetch(builder: Any, addr: Any) -> None:
+        """``llvm.prefetch(addr, read, locality 3: into L1, data)``."""
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [addr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [addr, *(ir.Constant(i32, c) for c in (rw, 3, 1))])
+        builder.call(fn, [addr, *(ir.Constant(i32, c) for c in (0, 3, 1))])
 
-    def _prefetcher(rw: int) -> Any:
-        def prefetch(typingctx: Any, ptr: Any, n: Any) -> Any:
-            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-                _prefetch(builder, builder.gep(args[0], [args[1]]), rw)
-                return context.get_dummy_value()
+    @intrinsic
+    def prefetch(typingctx: Any, ptr: Any, n: Any) -> Any:
+        """``prefetch(p, n)``: fetch the cache line of ``p[n]`` (``p`` from :func:`row`) into L1
+        for reading."""
 
-            return types.void(ptr, n), codegen
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            _prefetch(builder, builder.gep(args[0], [args[1]]))
+            return context.get_dummy_value()
 
-        return intrinsic(prefetch)
+        return types.void(ptr, n), codegen
 
     @intrinsic
     def address(typingctx: Any, ptr: Any, n: Any) -> Any:
@@ -194,19 +192,10 @@ else:
         into L1 for reading. A prefetch never faults, whatever the address."""
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            _prefetch(builder, builder.inttoptr(args[0], ir.IntType(8).as_pointer()), 0)
+            _prefetch(builder, builder.inttoptr(args[0], ir.IntType(8).as_pointer()))
             return context.get_dummy_value()
 
         return types.void(types.int64), codegen
-
-    prefetch = _prefetcher(0)
-    """``prefetch(p, n)``: fetch the cache line of ``p[n]`` (``p`` from :func:`row`) for reading.
-
-    Inputs in the caller's layout ``[B, T, H, K]`` are read one head at a time, a row every
-    ``H * K`` elements: a stride the hardware prefetchers do not follow across pages.
-    """
-    prefetch_write = _prefetcher(1)
-    """As :func:`prefetch`, for a line about to be written."""
 
 
 def guard_cache(dispatcher: Any) -> None:
@@ -253,6 +242,5 @@ __all__ = [
     "prefer_512",
     "prefetch",
     "prefetch_at",
-    "prefetch_write",
     "row",
 ]
