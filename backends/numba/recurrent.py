@@ -175,6 +175,15 @@ def _prepare(
 
 
 @jit(nrt=False)
+def prefetch_capacity(K: int, cols: int, itemsize: int) -> int:
+    """The most lines :func:`_prefetch_lines` lists for ``TC`` steps: per step the rows of
+    ``k``, ``q`` and a per-key-row gate, of ``v``, ``o`` and a per-value beta (``cols`` value
+    columns), and one line for a per-head beta."""
+    line = max(1, CACHE_LINE // itemsize)
+    return TC * (3 * -(-K // line) + 3 * -(-cols // line) + 1)
+
+
+@jit(nrt=False)
 def _prefetch_lines(
     q: Array,
     k: Array,
@@ -195,7 +204,8 @@ def _prefetch_lines(
     PFA: Array,
 ) -> int:
     """Fill ``PFA`` with the addresses of the cache lines that steps ``r0 .. r0+rc-1`` read
-    and write (value columns ``c0 .. c1``); returns how many.
+    and write (value columns ``c0 .. c1``); returns how many (at most
+    :func:`prefetch_capacity` for ``rc <= TC``).
 
     One head's rows sit ``H * K`` elements apart, a stride the hardware prefetchers do not
     follow across pages, so the kernel prefetches them itself, a chunk ahead.
@@ -313,8 +323,7 @@ def _task(
     RVF = np.zeros(n1, np.bool_)
     c0 = vb0 * VB
     c1 = min(vb1 * VB, V)
-    line = max(1, CACHE_LINE // v.itemsize)
-    PFA = np.empty(TC * (3 * -(-K // line) + 3 * -(-(c1 - c0) // line) + 1), np.int64)
+    PFA = np.empty(prefetch_capacity(K, c1 - c0, v.itemsize), np.int64)
     c = np.ones(K + 1, np.float64)
     cd[:] = 1.0
     KBv[:] = 0.0

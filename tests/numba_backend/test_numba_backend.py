@@ -212,3 +212,48 @@ def test_pure_python_mode() -> None:
         "print('ok')\n"
     )
     assert _python(code, NUMBA_DISABLE_JIT="1") == "ok"
+
+
+def _inside(addr: int, arrays: list[np.ndarray]) -> bool:
+    return any(a.ctypes.data <= addr < a.ctypes.data + a.nbytes for a in arrays)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_sub", [1, 2])
+@pytest.mark.parametrize("gate_width", [0, 1, 13])
+@pytest.mark.parametrize("beta_width", [0, 1, 130])
+def test_prefetch_list_fits_and_stays_inside_the_inputs(
+    beta_width: int, gate_width: int, n_sub: int, dtype: Any
+) -> None:
+    """The kernels prefetch from a list of line addresses: it must fit its buffer (the kernel
+    writes it without bounds checks) and name only lines of the arrays a chunk reads."""
+    from fastweights.backends.numba import recurrent
+    from fastweights.backends.numba._jit import DISABLE_JIT
+    from fastweights.backends.numba._layout import dummy
+
+    B, T, H, HV, K, V = 2, 40, 2, 4, 13, 130
+    R, TC = T * n_sub, recurrent.TC
+    rng = np.random.default_rng(0)
+
+    def arr(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(dtype)
+
+    q, k, v, o = arr(B, T, H, K), arr(B, R, H, K), arr(B, R, HV, V), arr(B, T, HV, V)
+    gate = arr(B, T, HV, gate_width) if gate_width else dummy(dtype)
+    beta = arr(B, R, HV, beta_width) if beta_width else dummy(dtype)
+    inputs = [q, k, v, o, gate, beta]
+    for c0, c1 in ((0, 64), (64, 130), (128, 130), (0, 130)):
+        cap = recurrent.prefetch_capacity(K, c1 - c0, np.dtype(dtype).itemsize)
+        for r0 in (0, 3, R - TC):
+            PFA = np.full(2 * cap, -1, np.int64)  # room to see an overflow, not crash
+            n = recurrent._prefetch_lines(
+                q, k, v, gate, beta, o, 1, 1, 3, 0, 0, r0, TC, n_sub, c0, c1, PFA
+            )
+            assert 0 < n <= cap
+            assert (PFA[n:] == -1).all()
+            if not DISABLE_JIT:
+                assert all(_inside(int(a), inputs) for a in PFA[:n])
+                listed = set(PFA[:n].tolist())
+                for r in range(r0, r0 + TC):
+                    assert v[1, r, 3, c0:].ctypes.data in listed
+                    assert k[1, r, 1, :].ctypes.data in listed
