@@ -20,6 +20,7 @@ from fastweights._ops import OPS
 from fastweights._validate import Call
 
 FORMS = ("recurrent", "chunk")
+_FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 
 class NumbaBackend:
@@ -50,7 +51,7 @@ class NumbaBackend:
                 continue
             if not isinstance(x, np.ndarray):
                 return f"it runs numpy.ndarray inputs only, got {type(x).__name__}"
-            if x.dtype not in (np.float16, np.float32, np.float64):
+            if x.dtype not in _FLOATS:
                 return f"it runs float16, float32 and float64 arrays, got {x.dtype}"
         return None
 
