@@ -7,6 +7,7 @@ and host copies of ``cu_seqlens`` / ``state_indices``. Backends may rely on ever
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from types import ModuleType
@@ -88,14 +89,17 @@ class Call:
         return self.state_pool is not None
 
 
-_NUMPY = array_api_compat.array_namespace(np.empty(0))
-"""The namespace of NumPy arrays, looked up once: a decoding step validates a dozen arrays,
-and ``array_namespace`` costs about a microsecond per array."""
+@functools.cache
+def _numpy_namespace() -> ModuleType:
+    """The namespace of NumPy arrays, looked up once: a decoding step validates a dozen arrays,
+    and ``array_namespace`` costs about a microsecond per array. Not at import, which it would
+    slow by about 60 ms."""
+    return array_api_compat.array_namespace(np.empty(0))
 
 
 def _namespace(name: str, x: Any) -> ModuleType:
     if type(x) is np.ndarray:
-        return _NUMPY
+        return _numpy_namespace()
     try:
         return array_api_compat.array_namespace(x)
     except TypeError:
