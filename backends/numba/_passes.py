@@ -38,6 +38,16 @@ VB = 64
 Array = Any
 
 
+@jit(inline=True)
+def _prefetch_row(PFA: Array, p: int, p1: int, m: int, nxt: int, every: int) -> tuple[int, int]:
+    """In row ``m`` of a pass, issue the prefetch ``PFA[p]`` if it is due (one every ``every``
+    rows, up to ``p1``); returns the next ``p`` and the row it is due at."""
+    if m == nxt and p < p1:
+        prefetch_at(PFA[p])
+        return p + 1, nxt + every
+    return p, nxt
+
+
 @pass_kernel
 def pass_delta(
     Sb: Array,
@@ -61,9 +71,7 @@ def pass_delta(
     K = Sb.shape[1]
     p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
     for m in range(K):
-        if m == nxt and p < p1:
-            prefetch_at(PFA[p])
-            p, nxt = p + 1, nxt + every
+        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
         a = KA[i, m]
         b = KB[i + 1, m]
         c = QB[i + 1, m]
@@ -101,9 +109,7 @@ def pass_delta_scaled(
     K = Sb.shape[1]
     p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
     for m in range(K):
-        if m == nxt and p < p1:
-            prefetch_at(PFA[p])
-            p, nxt = p + 1, nxt + every
+        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
         a = KA[i, m]
         r = RV[i + 1, m]
         b = KB[i + 1, m]
@@ -138,9 +144,7 @@ def pass_hebb(
     K = Sb.shape[1]
     p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
     for m in range(K):
-        if m == nxt and p < p1:
-            prefetch_at(PFA[p])
-            p, nxt = p + 1, nxt + every
+        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
         a = KA[i, m]
         c = QB[i + 1, m]
         for j in range(VB):
@@ -172,9 +176,7 @@ def pass_hebb_scaled(
     K = Sb.shape[1]
     p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
     for m in range(K):
-        if m == nxt and p < p1:
-            prefetch_at(PFA[p])
-            p, nxt = p + 1, nxt + every
+        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
         a = KA[i, m]
         r = RV[i + 1, m]
         c = QB[i + 1, m]
