@@ -44,7 +44,9 @@ def _initial(call: Call, dt: np.dtype) -> np.ndarray | None:
         return None
     if call.normalize:
         S, z = init
-        return np.concatenate([np.asarray(S, dt), np.asarray(z, dt)[..., None]], axis=-1)
+        # concatenate keeps a Fortran-like order of its inputs: the kernel needs C rows.
+        both = np.concatenate([np.asarray(S, dt), np.asarray(z, dt)[..., None]], axis=-1)
+        return np.ascontiguousarray(both)
     return as_rows(init, dt)
 
 
@@ -136,20 +138,22 @@ def run(call: Call) -> tuple[Any, Any]:
 
 
 def step(call: Call) -> tuple[Any, Any]:
-    """One decoding step; the pool is updated in place through ``state_indices``."""
+    """One decoding step; the pool is updated in place through ``state_indices``.
+
+    A pool of the compute dtype whose last axis is contiguous is updated by the step kernel
+    in place; any other (another dtype, a strided last axis, the ``(S, z)`` pair) goes through
+    a C-ordered copy of its rows and the recurrent kernel, then is written back.
+    """
+    pools = call.state_pool if call.normalize else (call.state_pool,)
+    for p in pools:
+        if not (isinstance(p, np.ndarray) and p.flags.writeable):
+            raise ValueError("state must be a writeable array: the step updates it in place")
     a = kernel_args(call)
     dt = a.v.dtype
     pool = call.state_pool
     idx = call.state_indices
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
-    direct = (
-        not call.normalize
-        and isinstance(pool, np.ndarray)
-        and pool.dtype == dt
-        and pool.flags.writeable
-        and unit_last(pool)
-    )
-    if direct:
+    if not call.normalize and pool.dtype == dt and unit_last(pool):
         o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
         ts, th, tv0, tv1 = uniform_tasks(call.N, 1, call.HV, a.V, num_threads())
         call_kernel(
@@ -158,14 +162,15 @@ def step(call: Call) -> tuple[Any, Any]:
             a.n_sub, a.G, a.gate_kind, a.erase, a.beta_per_value, a.l2norm, a.scale,
         )  # fmt: skip
         return _finish_o(call, o)[:, 0], pool
-    pools = pool if call.normalize else (pool,)
     current = [np.asarray(p)[rows] for p in pools]
     if call.normalize:
         state = np.concatenate([current[0].astype(dt), current[1].astype(dt)[..., None]], -1)
     else:
         state = current[0].astype(dt)
+    # The kernel reads and writes rows with a unit stride: C order, whatever the pool's.
+    state = np.ascontiguousarray(state)
     seq_rows = np.arange(call.N, dtype=np.int64)
-    final = np.empty_like(state)
+    final = np.empty(state.shape, dtype=dt)
     o = _recurrent(call, a, state, seq_rows, final, seq_rows)
     parts = _split_state(call, final)
     for p, new in zip(pools, parts if call.normalize else (parts,), strict=True):

@@ -21,7 +21,7 @@ from numba import typeof
 
 from fastweights._validate import Call
 
-from ._jit import DISABLE_JIT
+from ._jit import DISABLE_JIT, compiling
 from ._passes import VB
 
 _lock = threading.Lock()
@@ -49,6 +49,7 @@ def call_kernel(dispatcher: Any, *args: Any) -> Any:
     The compiled entry point is looked up by the arguments' dtypes and ranks and called
     directly: numba's dispatcher would compile one version per memory layout and spend
     about 200 microseconds typing 26 arguments, more than a small decoding step takes.
+    A first compilation (not found in the kernel cache) is logged, see :func:`._jit.compiling`.
     """
     if DISABLE_JIT:
         return dispatcher(*args)
@@ -58,7 +59,8 @@ def call_kernel(dispatcher: Any, *args: Any) -> Any:
         sig = tuple(_any_layout(a) for a in args)
         with _lock:
             if sig not in dispatcher.overloads:
-                dispatcher.compile(sig)
+                with compiling(dispatcher, sig):
+                    dispatcher.compile(sig)
             entry = _entry_points[key] = dispatcher.overloads[sig].entry_point
     return entry(*args)
 
@@ -122,7 +124,7 @@ def kernel_args(call: Call) -> Args:
     q, k, v = _as(call.q, dt), _as(call.k, dt), _as(call.v, dt)
     if call.normalize:
         ones = np.ones((*v.shape[:-1], 1), dtype=dt)
-        v = np.concatenate([v, ones], axis=-1)
+        v = np.ascontiguousarray(np.concatenate([v, ones], axis=-1))
     gate_kind = 0
     gate = dummy(dt)
     if call.gk is not None:

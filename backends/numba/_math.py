@@ -136,3 +136,38 @@ def decay_rows_f32(src: Array, c: Array, scratch: Array, red: Array, tiny: float
         c[x] = cx
         count += cx < tiny
     return count
+
+
+@jit(nrt=False)
+def decay_rows_reset_f64(src: Array, c: Array, scratch: Array, red: Array, tiny: float) -> int:
+    """:func:`decay_rows_f64` where a decay of 0 (``-inf`` or an underflow) sets ``c`` to exactly
+    0, even from NaN or Inf: a hard reset of that key row."""
+    prefer_512()
+    n = c.shape[0]
+    bits = scratch.view(np.int64)
+    for x in range(n):
+        bits[x], red[x] = _reduce_f64(np.float64(src[x]))
+    count = 0
+    for x in range(n):
+        a = 0.0 if np.float64(src[x]) < UNDERFLOW else _poly_f64(red[x]) * scratch[x]
+        cx = 0.0 if a == 0.0 else c[x] * a
+        c[x] = cx
+        count += cx < tiny
+    return count
+
+
+@jit(nrt=False)
+def decay_rows_reset_f32(src: Array, c: Array, scratch: Array, red: Array, tiny: float) -> int:
+    """As :func:`decay_rows_reset_f64`, in float32."""
+    prefer_512()
+    n = c.shape[0]
+    bits = scratch.view(np.int32)
+    for x in range(n):
+        bits[x], red[x] = _reduce_f32(src[x])
+    count = 0
+    for x in range(n):
+        a = np.float32(0.0) if src[x] < np.float32(UNDERFLOW32) else _poly_f32(red[x]) * scratch[x]
+        cx = np.float32(0.0) if a == np.float32(0.0) else c[x] * a
+        c[x] = cx
+        count += cx < tiny
+    return count

@@ -101,7 +101,7 @@ def pass_delta_scaled(
     p1: int,
 ) -> None:
     """``S = Diag(rv) (S + kw w^T)``, then ``pk = S^T kr``, ``pq = S^T qr``; prefetches
-    ``PFA[p0:p1]``."""
+    ``PFA[p0:p1]``. A row whose ``rv`` is 0 (a hard reset) becomes exactly 0, even from NaN."""
     prefer_512()
     for j in range(VB):
         PK[x, j] = 0.0
@@ -114,6 +114,11 @@ def pass_delta_scaled(
         r = RV[i + 1, m]
         b = KB[i + 1, m]
         c = QB[i + 1, m]
+        if r == 0.0:
+            # A hard reset: the row is exactly zero, even if it held NaN or Inf.
+            for j in range(VB):
+                Sb[x, m, j] = 0.0
+            continue
         for j in range(VB):
             s = r * (Sb[x, m, j] + a * W[x, j])
             Sb[x, m, j] = s
@@ -169,7 +174,8 @@ def pass_hebb_scaled(
     p0: int,
     p1: int,
 ) -> None:
-    """``S = Diag(rv) (S + kw w^T)``, then ``pq = S^T qr``; prefetches ``PFA[p0:p1]``."""
+    """``S = Diag(rv) (S + kw w^T)``, then ``pq = S^T qr``; prefetches ``PFA[p0:p1]``.
+    A row whose ``rv`` is 0 (a hard reset) becomes exactly 0, even from NaN."""
     prefer_512()
     for j in range(VB):
         PQ[x, j] = 0.0
@@ -180,6 +186,10 @@ def pass_hebb_scaled(
         a = KA[i, m]
         r = RV[i + 1, m]
         c = QB[i + 1, m]
+        if r == 0.0:
+            for j in range(VB):
+                Sb[x, m, j] = 0.0
+            continue
         for j in range(VB):
             s = r * (Sb[x, m, j] + a * W[x, j])
             Sb[x, m, j] = s
@@ -221,6 +231,10 @@ def pass_load(
         r = RV[1, i] if scaled else 1.0
         b = KB[1, i]
         c = QB[1, i]
+        if r == 0.0:
+            for j in range(VB):
+                Sb[x, i, j] = 0.0
+            continue
         for j in range(VB):
             s = r * p[j]
             Sb[x, i, j] = s

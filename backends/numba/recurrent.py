@@ -32,7 +32,7 @@ from numba import prange
 from fastweights.rules._layout import L2NORM_EPS
 
 from ._jit import address, jit, prefer_512, prefetch_at, row
-from ._math import decay_rows_f32, decay_rows_f64
+from ._math import decay_rows_reset_f32, decay_rows_reset_f64
 from ._passes import (
     VB,
     chunk_delta,
@@ -89,6 +89,7 @@ def _prepare(
     CW: Array,
     CR: Array,
     sc: Array,
+    tiny_c: float,
 ) -> None:
     """Per-step vectors of steps ``r0 .. r0+rc-1`` of one (sequence, value head), rows 1..rc.
 
@@ -98,7 +99,8 @@ def _prepare(
     with ``KA``), ``QB = q~``, and the decay scales the value-sized vectors instead, ``CR = c``
     for the reads and ``CW = 1 / c`` for the write. ``QB = 0`` where the step has no output;
     ``KQ = k . q~``. ``RVF`` flags the steps whose decay renormalises ``S~`` by ``RV`` (the
-    running decay, which then restarts at 1). ``c`` is carried from chunk to chunk.
+    running decay, which then restarts at 1) when it falls below ``tiny_c``. ``c`` is carried
+    from chunk to chunk.
     """
     prefer_512()
     K = KA.shape[1]
@@ -143,9 +145,9 @@ def _prepare(
             if sub == 0:
                 grow = row(gate, b, t, hv, 0)
                 if cd.itemsize == 4:
-                    tiny = decay_rows_f32(grow, cd, escr, red, TINY)
+                    tiny = decay_rows_reset_f32(grow, cd, escr, red, tiny_c)
                 else:
-                    tiny = decay_rows_f64(grow, cd, escr, red, TINY)
+                    tiny = decay_rows_reset_f64(grow, cd, escr, red, tiny_c)
                 if tiny:
                     renorm = True
                     for x in range(K):
@@ -163,8 +165,9 @@ def _prepare(
                     QB[i, x] = QB[i, x] * cx
                     KA[i, x] = KA[i, x] / cx
         elif gate_kind == 1 and sub == 0:
-            c[K] *= math.exp(np.float64(gate[b, t, hv, 0]))
-            if c[K] < TINY:
+            a = math.exp(np.float64(gate[b, t, hv, 0]))
+            c[K] = 0.0 if a == 0.0 else c[K] * a  # 0: a hard reset, even from NaN
+            if c[K] < tiny_c:
                 renorm = True
                 for x in range(K):
                     RV[i, x] = c[K]
@@ -251,7 +254,7 @@ def _prefetch_lines(
 
 
 @jit()
-def _task(
+def _sweep(
     q: Array,
     k: Array,
     v: Array,
@@ -277,8 +280,10 @@ def _task(
     write_state: bool,
     l2norm: bool,
     scale: float,
+    tiny_c: float,
 ) -> None:
-    """One (sequence, value head, value blocks ``vb0 .. vb1-1``) from start to end.
+    """One (sequence, value head, value blocks ``vb0 .. vb1-1``) from start to end, the
+    running decay renormalised below ``tiny_c``.
 
     Per-step vectors live in rows ``1 .. TC`` of ``KA, KB, QB, RV`` (row 0 of ``KA``: the
     previous step's write); ``VC``/``BC``/``OC`` hold one block's values, betas and outputs
@@ -363,7 +368,7 @@ def _task(
         per = -(-n // (rc * nb))
         _prepare(
             q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
-            c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc,
+            c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc, tiny_c,
         )  # fmt: skip
         if erase and not beta_per_value:
             for i in range(rc):
@@ -423,6 +428,83 @@ def _task(
             dst = row(state_out, out_row, hv, i, j0)
             for j in range(nv):
                 dst[j] = Sb[x, i, j]
+
+
+@jit(nrt=False, reduce=True)
+def _finite(
+    o: Array,
+    state_out: Array,
+    out_row: int,
+    b: int,
+    t0: int,
+    t1: int,
+    hv: int,
+    c0: int,
+    c1: int,
+    write_state: bool,
+) -> bool:
+    """Whether a task's outputs (and final state if written) are all finite."""
+    z = o[0, 0, 0, 0] * 0.0
+    acc = z
+    for t in range(t0, t1):
+        p = row(o, b, t, hv, c0)
+        for j in range(c1 - c0):
+            acc += p[j] * z  # NaN iff some p[j] is NaN or Inf (no fast-math nnan/ninf)
+    if write_state:
+        for i in range(state_out.shape[2]):
+            p = row(state_out, out_row, hv, i, c0)
+            for j in range(c1 - c0):
+                acc += p[j] * z
+    return acc == z
+
+
+@jit()
+def _task(
+    q: Array,
+    k: Array,
+    v: Array,
+    gate: Array,
+    beta: Array,
+    state_in: Array,
+    in_row: int,
+    state_out: Array,
+    out_row: int,
+    o: Array,
+    b: int,
+    t0: int,
+    t1: int,
+    hv: int,
+    vb0: int,
+    vb1: int,
+    n_sub: int,
+    G: int,
+    gate_kind: int,
+    erase: bool,
+    beta_per_value: bool,
+    has_init: bool,
+    write_state: bool,
+    l2norm: bool,
+    scale: float,
+) -> None:
+    """:func:`_sweep` with the running decay; again with every decay applied at once (the
+    plain recurrence) if a result is not finite.
+
+    ``S~ = S / c`` can overflow where ``S`` does not (``|S|`` near the dtype's largest value
+    times ``c``); it then shows as a non-finite output or final state. Non-finite inputs take
+    the second sweep too, which gives the plain recurrence's NaN/Inf, causally.
+    """
+    _sweep(
+        q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0, vb1,
+        n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm, scale, TINY,
+    )  # fmt: skip
+    c0 = vb0 * VB
+    c1 = min(vb1 * VB, v.shape[3])
+    if not _finite(o, state_out, out_row, b, t0, t1, hv, c0, c1, write_state):
+        _sweep(
+            q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0,
+            vb1, n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm,
+            scale, 1.0,
+        )  # fmt: skip
 
 
 @jit(parallel=True)

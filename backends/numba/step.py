@@ -34,9 +34,19 @@ _pass = jit(nrt=False, noalias=True)
 
 @_pass
 def _read(
-    pool: Array, n: int, hv: int, j0: int, nv: int, ka: Array, qa: Array, pk: Array, pq: Array
+    pool: Array,
+    n: int,
+    hv: int,
+    j0: int,
+    nv: int,
+    a: Array,
+    ka: Array,
+    qa: Array,
+    pk: Array,
+    pq: Array,
 ) -> None:
-    """``pk = S^T ka``, ``pq = S^T qa`` over columns ``j0 .. j0+nv`` of ``pool[n, hv]``."""
+    """``pk = S^T ka``, ``pq = S^T qa`` over columns ``j0 .. j0+nv`` of ``pool[n, hv]``
+    (``ka = a k``, ``qa = a q``); rows whose decay ``a`` is 0 are reset and not read."""
     prefer_512()
     for j in range(VB):
         pk[j] = 0.0
@@ -44,6 +54,8 @@ def _read(
     K = ka.shape[0]
     if nv == VB:
         for i in range(K):
+            if a[i] == 0.0:
+                continue
             p = row(pool, n, hv, i, j0)
             b = ka[i]
             c = qa[i]
@@ -53,6 +65,8 @@ def _read(
                 pq[j] += c * s
     else:
         for i in range(K):
+            if a[i] == 0.0:
+                continue
             p = row(pool, n, hv, i, j0)
             b = ka[i]
             c = qa[i]
@@ -75,7 +89,9 @@ def _update(
     qa: Array,
     pq: Array,
 ) -> None:
-    """``S = Diag(a) S + kw w^T`` on the columns ``j0 .. j0+nv``; then ``pq = S^T qa``."""
+    """``S = Diag(a) S + kw w^T`` on the columns ``j0 .. j0+nv``; then ``pq = S^T qa``.
+
+    A row whose decay is 0 (a hard reset) drops its old values, even NaN or Inf."""
     prefer_512()
     for j in range(VB):
         pq[j] = 0.0
@@ -86,6 +102,12 @@ def _update(
             r = a[i]
             b = kw[i]
             c = qa[i]
+            if r == 0.0:
+                for j in range(VB):
+                    s = b * w[j]
+                    p[j] = s
+                    pq[j] += c * s
+                continue
             for j in range(VB):
                 s = r * p[j] + b * w[j]
                 p[j] = s
@@ -96,6 +118,12 @@ def _update(
             r = a[i]
             b = kw[i]
             c = qa[i]
+            if r == 0.0:
+                for j in range(nv):
+                    s = b * w[j]
+                    p[j] = s
+                    pq[j] += c * s
+                continue
             for j in range(nv):
                 s = r * p[j] + b * w[j]
                 p[j] = s
@@ -211,7 +239,7 @@ def _step_task(
             last = j == n_sub - 1
             vr = row(v, b, j, hv, j0)
             if erase:
-                _read(pool, n, hv, j0, nv, KA[j], QA if last else Z, pk, pq)
+                _read(pool, n, hv, j0, nv, A[j], KA[j], QA if last else Z, pk, pq)
                 if beta_per_value:
                     br = row(beta, b, j, hv, j0)
                     for c in range(nv):
