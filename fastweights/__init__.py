@@ -57,6 +57,7 @@ from ._api import (  # noqa: E402
     retention,
     simple_gla,
 )
+from ._kernel_cache import warmup  # noqa: E402
 from ._registry import use_backend  # noqa: E402
 
 try:
@@ -78,4 +79,5 @@ __all__ = [
     "simple_gla",
     "step",
     "use_backend",
+    "warmup",
 ]

@@ -1,11 +1,14 @@
-"""Command-line entry point: ``python -m fastweights {info,demo,bench,gpu-check}``.
+"""Command-line entry point: ``python -m fastweights {info,demo,bench,gpu-check,cache,warmup}``.
 
 ``info`` prints the versions of fastweights and of the packages it can use, and the registered
 backends with the ops and forms each implements. ``demo`` reproduces the fast weight primer's
 headline (Hebbian versus delta-rule memory) live and times the backends; see
 :mod:`fastweights._demo`. ``bench`` reads each op's speed against the machine's limits; see
 :mod:`fastweights._bench`. ``gpu-check`` runs the ``gpu`` tests and the GPU timings of the
-``cupy`` backend on a machine with an NVIDIA GPU, and says why not elsewhere.
+``cupy`` backend on a machine with an NVIDIA GPU, and says why not elsewhere. ``cache`` shows
+(or with ``--clear`` empties) the folder of compiled kernels; ``warmup`` fills it, with a
+progress bar. The library's log records (logger ``fastweights``, e.g. a kernel's first
+compilation) are shown on stderr.
 
 Subcommands import their modules lazily, so ``--help`` stays instant.
 """
@@ -13,6 +16,7 @@ Subcommands import their modules lazily, so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +32,65 @@ def _size(text: str) -> tuple[int, int, int, int]:
     if min(b, t, h, d) < 1:
         raise argparse.ArgumentTypeError(f"expected four positive integers B,T,H,D, got {text!r}")
     return b, t, h, d
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log records on the current ``sys.stderr`` (looked up at each record, as tests and
+    notebooks replace it); on a terminal it first clears a progress bar's line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("fastweights: %(message)s"))
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            tty = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        return "\r\x1b[K" + text if tty else text
+
+
+def _show_logs() -> None:
+    """Show the ``fastweights`` logger's INFO records on stderr (once per process)."""
+    logger = logging.getLogger("fastweights")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _run_cache(clear: bool) -> int:
+    from fastweights import _kernel_cache as kc
+
+    if clear:
+        files, size = kc.clear_cache()
+        print(f"removed {files} files, {_mib(size)}, from {kc.cache_root() / 'numba'}")
+        return 0
+    usage = kc.cache_usage()
+    current = usage["current"]
+    files, size = usage["builds"].get(current.name, (0, 0))
+    total_files = sum(f for f, _ in usage["builds"].values())
+    total_size = sum(b for _, b in usage["builds"].values())
+    print(f"kernel cache: {usage['root']}  (set {kc.CACHE_ENV} to move it)")
+    print(f"this build:   {current}  ({files} files, {_mib(size)})")
+    print(
+        f"all builds:   {len(usage['builds'])} folders, {total_files} files, "
+        f"{_mib(total_size)}  (python -m fastweights cache --clear empties it)"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a machine with an NVIDIA GPU: the gpu tests and GPU timings, with the card",
         add_help=False,
     )
+    cache = sub.add_parser(
+        "cache",
+        help="where compiled kernels are cached, and their size",
+        description=(
+            "Show the per-user folder of compiled numba kernels (FASTWEIGHTS_CACHE_DIR, else "
+            "the platform's cache directory) and its size, or empty it."
+        ),
+    )
+    cache.add_argument("--clear", action="store_true", help="delete every cached kernel")
+    warm = sub.add_parser(
+        "warmup",
+        help="compile the kernels ahead of use, with a progress bar",
+        description=(
+            "Compile (or load from the cache) the kernels that calls of the given ops, dtypes "
+            "and forms need, so that first calls do not wait for the JIT compiler."
+        ),
+    )
+    warm.add_argument("--ops", nargs="+", metavar="OP", help="ops (default every op)")
+    warm.add_argument(
+        "--dtypes", nargs="+", metavar="DTYPE", help="float16, float32, float64 (default 32, 64)"
+    )
+    warm.add_argument(
+        "--forms",
+        nargs="+",
+        metavar="FORM",
+        help="recurrent, chunk, parallel, step (default the backend's forms and step)",
+    )
+    warm.add_argument("--backend", default="numba", help="backend (default numba)")
     return parser
 
 
@@ -114,6 +205,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "gpu-check":  # gpu-check parses its own options
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _show_logs()
+    if args.command == "cache":
+        return _run_cache(args.clear)
+    if args.command == "warmup":
+        from fastweights._kernel_cache import warmup
+
+        try:
+            done = warmup(args.ops, args.dtypes, args.forms, backend=args.backend, progress=True)
+        except (TypeError, ValueError) as exc:
+            print(f"warmup: {exc}", file=sys.stderr)
+            return 2
+        print(f"{len(done)} calls, {sum(w.seconds for w in done):.1f} s")
+        return 0
     if args.command == "info":
         from fastweights._cli_info import run_info
 

@@ -503,6 +503,28 @@ def format_throughput(result: ThroughputResult) -> str:
 # ---------------------------------------------------------------------------------------- driver
 
 
+def _warm_numba(bench: bool, backends: Sequence[str] | None) -> None:
+    """Compile (or load from the cache) the numba kernels the demo runs, with a progress bar on
+    stderr: the recurrent form in float64 (the memory experiments, when numba runs them) and
+    float32 (the throughput section)."""
+    import fastweights as fw
+    from fastweights._kernel_cache import warmup
+    from fastweights._registry import select
+    from fastweights._validate import validate
+
+    info = {b.name: b for b in fw.backends.list_backends()}.get("numba")
+    if info is None or not info.available:
+        return
+    x = np.zeros((1, 2, 1, 4))
+    dtypes = ["float64"] if select(validate("linear_attn", x, x, x), None).name == "numba" else []
+    if bench and (backends is None or "numba" in backends):
+        dtypes.append("float32")
+    if dtypes:
+        print("Preparing the numba kernels (compiled on the first run only):", file=sys.stderr)
+        ops = ["linear_attn", "delta_rule", "gated_delta_rule"]
+        warmup(ops, dtypes, ["recurrent"], progress=True)
+
+
 def run_demo(
     *,
     seed: int = 0,
@@ -545,6 +567,7 @@ def run_demo(
     out = sys.stdout if out is None else out
     if trials is None:
         trials = 4 if quick else 8
+    _warm_numba(bench, backends)
     result = DemoResult(memory_experiments(64, trials=trials, seed=seed))
     print("fastweights demo: associative memory with fast weights (no training)\n", file=out)
     print(format_memory(result.memory), file=out)
