@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from array_api_compat import device
 
 from ._registry import select
-from ._validate import Call, _check_rank, _namespace, validate
+from ._validate import Call, _check_rank, _namespace, is_float64_like, validate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +25,8 @@ _COMMON = """\
         ``[N, HV, K, V]`` state before the first step (zeros if None); ``N = B``, or the
         number of packed sequences.
     output_final_state : bool
-        Return the state after the last step (else None).
+        Return the state after the last step (else None). A bool: arrays and other truthy
+        objects raise ``TypeError``.
     cu_seqlens : integer array-like, optional
         ``[N + 1]`` boundaries of packed sequences along ``T`` (``B == 1``); each sequence has
         its own initial and final state.
@@ -44,7 +45,9 @@ _COMMON = """\
     o : array
         ``[B, T, HV, V]``, the dtype of ``v``.
     final_state : array or None
-        ``[N, HV, K, V]`` in the compute dtype (float64 if any input is, else float32)."""
+        ``[N, HV, K, V]`` in the compute dtype: float64 if any floating input is wider than
+        32 bits (float64 in either byte order; ``longdouble`` is computed in float64), else
+        float32."""
 
 
 def retention_gate(q: Any, k: Any, v: Any, v_layout: str) -> Any:
@@ -55,7 +58,7 @@ def retention_gate(q: Any, k: Any, v: Any, v_layout: str) -> Any:
     xp = _namespace("v", v)
     _check_rank("v", v, v_layout.count(",") + 1, v_layout)
     heads = [math.log(1.0 - 2.0 ** (-5 - h)) for h in range(v.shape[-2])]
-    wide = any(getattr(x, "dtype", None) == xp.float64 for x in (q, k, v))
+    wide = any(x is not None and is_float64_like(x) for x in (q, k, v))
     g_head = xp.asarray(heads, dtype=xp.float64 if wide else xp.float32, device=device(v))
     return xp.broadcast_to(g_head, tuple(v.shape[:-1]))
 

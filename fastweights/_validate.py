@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -97,9 +98,20 @@ def _numpy_namespace() -> ModuleType:
     return array_api_compat.array_namespace(np.empty(0))
 
 
+def _reject_masked(name: str, x: Any, error: type[Exception] = TypeError) -> None:
+    """A ``numpy.ma`` masked array: its mask would be ignored, so it is refused."""
+    ma = sys.modules.get("numpy.ma")  # no masked array exists before numpy.ma is imported
+    if ma is not None and isinstance(x, ma.MaskedArray):
+        raise error(
+            f"{name} is a numpy.ma masked array, which fastweights does not support (the mask "
+            f"would be ignored); pass {name}.filled(value) or a plain array"
+        )
+
+
 def _namespace(name: str, x: Any) -> ModuleType:
     if type(x) is np.ndarray:
         return _numpy_namespace()
+    _reject_masked(name, x)
     try:
         return array_api_compat.array_namespace(x)
     except TypeError:
@@ -109,16 +121,41 @@ def _namespace(name: str, x: Any) -> ModuleType:
         ) from None
 
 
+def _dims(name: str, x: Any) -> tuple[int, ...]:
+    """The shape of ``x`` as Python ints; an unknown (None, NaN) size is a ValueError."""
+    shape = tuple(x.shape)
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
+        raise ValueError(f"{name} must have a known integer shape, got {shape}")
+    return tuple(int(d) for d in shape)
+
+
 def _device(x: Any) -> Any:
     return "cpu" if type(x) is np.ndarray else array_api_compat.device(x)
 
 
-def _float_kind(name: str, x: Any, xp: ModuleType) -> Any:
-    if type(x) is np.ndarray and x.dtype.kind == "f":
-        return x.dtype
+def _is_wide(name: str, x: Any, xp: ModuleType) -> bool:
+    """Whether ``x`` (checked to be real floating) needs float64 compute: wider than 32 bits.
+
+    By size and kind, not by dtype equality: big-endian ``'>f8'`` is float64 and
+    ``longdouble`` computes in float64 (no backend computes in extended precision).
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+        return x.dtype.itemsize > 4
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
-    return x.dtype
+    return bool(x.dtype == xp.float64)
+
+
+def is_float64_like(x: Any) -> bool:
+    """Whether a NumPy-like ``x`` has a real floating dtype wider than 32 bits (any byte order)."""
+    dt = getattr(x, "dtype", None)
+    try:
+        dt = np.dtype(dt)
+    except TypeError:  # torch, JAX, ... dtypes
+        return str(dt).rsplit(".", 1)[-1] == "float64"
+    return dt.kind == "f" and dt.itemsize > 4
 
 
 def _check_arrays(arrays: dict[str, Any]) -> tuple[ModuleType, Any, Any]:
@@ -145,7 +182,7 @@ def _check_arrays(arrays: dict[str, Any]) -> tuple[ModuleType, Any, Any]:
                 f"{name} is on device {here} but {dev_name} is on {dev}; move the arrays "
                 "to one device first"
             )
-        wide |= _float_kind(name, x, xp) == xp.float64
+        wide |= _is_wide(name, x, xp)
     return xp, dev, xp.float64 if wide else xp.float32
 
 
@@ -160,22 +197,41 @@ def _check_shape(name: str, x: Any, expected: tuple[int, ...], labels: str) -> N
 
 def _check_scale(scale: Any, K: int) -> float:
     if scale is None:
+        if K == 0:
+            raise ValueError(
+                "scale: the default K ** -0.5 is undefined for K = 0 (q.shape[-1]); pass scale"
+            )
         return K**-0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     return float(scale)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    number = int(value)
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """A bool argument: ``True``/``False`` (or a NumPy bool), nothing merely truthy."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return bool(value)
+
+
+MAX_HOUSEHOLDER = 2**31 - 1
+"""Largest ``num_householder``: the kernels count a token's delta steps in 32 bits."""
 
 
 def to_host_ints(name: str, x: Any, error: type[Exception]) -> np.ndarray:
     """An integer array-like of any namespace as a host int64 NumPy array."""
+    _reject_masked(name, x, error)
     try:
         if array_api_compat.is_cupy_array(x):
             host = x.get()
@@ -257,11 +313,14 @@ def _check_state(
                 f"got {type(state).__name__}"
             )
         S, z = state
+        _namespace(f"{name}[0]", S)
+        _namespace(f"{name}[1]", z)
         _check_shape(f"{name}[0]", S, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
         _check_shape(f"{name}[1]", z, (rows, HV, K), f"[{rows_label}, HV, K]")
         return {f"{name}[0]": S, f"{name}[1]": z}
     if isinstance(state, tuple | list):
         raise TypeError(f"{name} must be an array for {spec.name}, got a {type(state).__name__}")
+    _namespace(name, state)
     _check_shape(name, state, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
     return {name: state}
 
@@ -274,6 +333,52 @@ def _check_required(spec: OpSpec, *, g: Any, gk: Any, beta: Any) -> None:
         raise TypeError(f"{spec.name} needs the per-channel log-decay gk, got None")
     if spec.has_beta and beta is None:
         raise TypeError(f"{spec.name} needs beta, got None")
+
+
+def _is_pool_dtype(pool: Any, xp: ModuleType) -> bool:
+    """float32 or float64, in either byte order (a NumPy pool may be big-endian)."""
+    if isinstance(pool, np.ndarray):
+        return pool.dtype.kind == "f" and pool.dtype.itemsize in (4, 8)
+    return pool.dtype in (xp.float32, xp.float64)
+
+
+def _check_writeable(name: str, pool: Any) -> None:
+    """A read-only pool (``writeable=False``, ``np.frombuffer(bytes)``, a read-only memmap)
+    cannot be updated in place: refused before anything is written. JAX pools are immutable
+    by design and returned new."""
+    flags = getattr(pool, "flags", None)
+    if flags is not None and getattr(flags, "writeable", True) is False:
+        raise ValueError(
+            f"{name} is read-only, but the state pool is updated in place; pass a writeable "
+            "array (e.g. a copy)"
+        )
+
+
+def _overlap(a: Any, b: Any, *, exact: bool = False) -> bool:
+    """Whether two arrays may share memory (NumPy, CuPy, torch); False for other namespaces,
+    whose step reads every input before it writes the pool (the reference backend).
+    ``exact`` (NumPy) tells interleaved but disjoint views apart, at more cost."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if not np.may_share_memory(a, b):
+            return False
+        return bool(np.shares_memory(a, b)) if exact else True
+    if array_api_compat.is_cupy_array(a) and array_api_compat.is_cupy_array(b):
+        import cupy
+
+        return bool(cupy.may_share_memory(a, b))
+    if array_api_compat.is_torch_array(a) and array_api_compat.is_torch_array(b):
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+        return bool(sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0)
+    return False
+
+
+def _unaliased(x: Any, pools: tuple[Any, ...]) -> Any:
+    """``x``, or a copy of it when it may share memory with a pool the step writes."""
+    if not any(_overlap(x, p) for p in pools):
+        return x
+    if array_api_compat.is_torch_array(x):
+        return x.clone()
+    return x.copy()
 
 
 def _check_rank(name: str, x: Any, rank: int, labels: str) -> None:
@@ -305,11 +410,17 @@ def validate(
     _check_required(spec, g=g, gk=gk, beta=beta)
     named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
     for name, x in named.items():
-        if x is not None:
+        if x is not None or name in ("q", "k", "v"):
             _namespace(name, x)
+            _dims(name, x)
+    normalize = _check_flag("normalize", normalize)
+    output_final_state = _check_flag("output_final_state", output_final_state)
+    use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
     _check_rank("q", q, 4, "[B, T, H, K]")
     B, T, H, K = (int(d) for d in q.shape)
-    n = _check_int("num_householder", num_householder, 1) if op == "delta_product" else 1
+    n = 1
+    if op == "delta_product":
+        n = _check_int("num_householder", num_householder, 1, MAX_HOUSEHOLDER)
     rows, rows_label = T * n, ("T" if n == 1 else "T * num_householder")
     _check_rank("k", k, 4, "[B, T, H, K]")
     _check_shape("k", k, (B, rows, H, K), f"[B, {rows_label}, H, K]")
@@ -365,10 +476,10 @@ def validate(
         beta=beta,
         initial_state=initial_state,
         scale=scale_value,
-        normalize=bool(normalize),
+        normalize=normalize,
         num_householder=n,
-        use_qk_l2norm=bool(use_qk_l2norm),
-        output_final_state=bool(output_final_state),
+        use_qk_l2norm=use_qk_l2norm,
+        output_final_state=output_final_state,
         cu_seqlens=cu,
         form=form,
         chunk_size=chunk,
@@ -402,8 +513,11 @@ def validate_step(
     spec = OPS[op]
     named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
     for name, x in named.items():
-        if x is not None:
+        if x is not None or name in ("q", "k", "v"):
             _namespace(name, x)
+            _dims(name, x)
+    normalize = _check_flag("normalize", normalize)
+    use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
     _check_rank("q", q, 3, "[N, H, K]")
     N, H, K = (int(d) for d in q.shape)
     product = op == "delta_product"
@@ -452,6 +566,7 @@ def validate_step(
         (("state[0]", state[0]), ("state[1]", state[1])) if pair else (("state", state),)
     ):
         _namespace(name, x)
+        _dims(name, x)
     S = state[0] if pair else state
     _check_rank("state[0]" if pair else "state", S, 4, "[P, HV, K, V]")
     P = int(S.shape[0])
@@ -461,8 +576,11 @@ def validate_step(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
     )
     for name, pool in states.items():
-        if pool.dtype not in (xp.float32, xp.float64):
+        if not _is_pool_dtype(pool, xp):
             raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
+        _check_writeable(name, pool)
+    if pair and _overlap(state[0], state[1], exact=True):
+        raise ValueError("state[0] and state[1] share memory: S and z must be separate pools")
     idx = None
     if state_indices is None:
         if P != N:
@@ -483,6 +601,9 @@ def validate_step(
     for name in ("g", "gk"):
         if named[name] is not None:
             _check_gate_sign(name, named[name], xp)
+    # An input that is a view of the pool would change under the kernel's writes: read it first.
+    pools = tuple(states.values())
+    q, k, v, g, gk, beta = (None if x is None else _unaliased(x, pools) for x in named.values())
     # The sequence layout with T == 1: views, no copies.
     q1, k1 = q[:, None, ...], (k if product else k[:, None, ...])
     v1 = v if product else v[:, None, ...]
@@ -501,9 +622,9 @@ def validate_step(
         gk=gk1,
         beta=beta1,
         scale=scale_value,
-        normalize=bool(normalize),
+        normalize=normalize,
         num_householder=n,
-        use_qk_l2norm=bool(use_qk_l2norm),
+        use_qk_l2norm=use_qk_l2norm,
         output_final_state=True,
         form="recurrent",
         dtype=dtype,

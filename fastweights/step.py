@@ -7,6 +7,11 @@ uses ``state[state_indices[i]]`` (default ``arange(N)``, then ``P == N``). The p
 in place where the namespace allows it (NumPy, CuPy, torch: the same object is returned) and
 returned new otherwise (JAX). ``T`` calls give the outputs and state of one sequence call.
 
+A read-only pool (``writeable=False``, ``np.frombuffer(bytes)``, a read-only memmap), or a
+read-only half of an ``(S, z)`` pair, raises ``ValueError`` before anything is written; so do
+``S`` and ``z`` sharing memory. Inputs that are views of the pool are read before the pool is
+written (they are copied first), so the result is that of separate inputs.
+
 Examples
 --------
 >>> import numpy as np, fastweights
@@ -50,8 +55,10 @@ _QKV = """\
 
 _COMMON = """\
     state : array
-        The state pool ``[P, HV, K, V]``, float32 or float64 (its dtype is kept). Updated in
-        place where the namespace allows it.
+        The state pool ``[P, HV, K, V]``, float32 or float64 in either byte order (its dtype
+        is kept). Updated in place where the namespace allows it; a read-only pool raises
+        ``ValueError`` before anything is written. Inputs that are views of the pool are
+        copied first (read before the update).
     scale : float, optional
         Multiplies ``q``; default ``K ** -0.5``.
     state_indices : integer array-like, optional
@@ -65,7 +72,9 @@ _COMMON = """\
     Returns
     -------
     o : array
-        ``[N, HV, V]``, the dtype of ``v``.
+        ``[N, HV, V]``, the dtype of ``v``. The compute dtype is float64 if any floating
+        input or the pool is wider than 32 bits (``longdouble`` computes in float64), else
+        float32.
     state : array
         The pool: the same object, updated in place (NumPy, CuPy, torch), or a new array
         (JAX, whose arrays are immutable)."""

@@ -27,6 +27,7 @@ from fastweights._validate import Call
 EMULATE_ENV = "FASTWEIGHTS_CUDA_EMULATE"
 _FLOATS = frozenset({"float16", "float32", "float64"})
 _MAX_K = 256  # fastweights.backends.cupy._launch.MAX_K, without importing it
+_MAX_GRID_Y = 65535  # _launch.MAX_GRID_Y
 
 
 def emulating() -> bool:
@@ -91,6 +92,8 @@ class CupyBackend:
             return f"the kernels hold K = 1..{_MAX_K} in registers, got K = {call.K}"
         if call.V < 1:
             return "V = 0 (no value columns)"
+        if call.HV > _MAX_GRID_Y:
+            return f"the kernels put value heads on CUDA's grid y axis: HV <= {_MAX_GRID_Y}"
         return None
 
     def run(self, call: Call) -> tuple[Any, Any]:

@@ -40,6 +40,18 @@ MAX_K = 256
 
 _CTYPES = {"float16": "fw_half", "float32": "float", "float64": "double"}
 
+INT32_MAX = 2**31 - 1
+MAX_GRID_Y = 65535
+"""CUDA's limit on ``gridDim.y`` (the kernels put value heads there)."""
+
+
+def int32(name: str, value: int) -> np.int32:
+    """``value`` as the kernels' ``int`` parameter; ``ValueError`` naming it if it does not fit
+    (NumPy would raise ``OverflowError``, or wrap around on older versions)."""
+    if not 0 <= value <= INT32_MAX:
+        raise ValueError(f"{name} = {value} is outside the CUDA kernels' range 0..{INT32_MAX}")
+    return np.int32(value)
+
 
 @cache
 def source() -> str:

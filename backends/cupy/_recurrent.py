@@ -113,12 +113,12 @@ def _launch(
         o,
         cu,
         dummy_i if state_idx is None else state_idx,
-        np.int32(call.T),
-        np.int32(call.H),
-        np.int32(call.HV),
-        np.int32(call.K),
-        np.int32(call.V),
-        np.int32(call.num_householder),
+        L.int32("T", call.T),
+        L.int32("H", call.H),
+        L.int32("HV", call.HV),
+        L.int32("K", call.K),
+        L.int32("V", call.V),
+        L.int32("num_householder", call.num_householder),
         np.dtype(tc).type(call.scale),
         np.int32(flags),
     )
@@ -164,6 +164,9 @@ def step(call: Call) -> tuple[Any, Any]:
     mp = _module_of(call)
     _, tc = _dtypes(call)
     pools = tuple(call.state_pool) if call.normalize else (call.state_pool,)
+    for p in pools:  # validation refuses these; the kernel must never write through one
+        if getattr(getattr(p, "flags", None), "writeable", True) is False:
+            raise ValueError("state is read-only, but the state pool is updated in place")
     idx = call.state_indices
     seq = dataclasses.replace(call, state_pool=None, state_indices=None, output_final_state=True)
     with _on_device(call):

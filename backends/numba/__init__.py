@@ -20,11 +20,15 @@ from fastweights._ops import OPS
 from fastweights._validate import Call
 
 FORMS = ("recurrent", "chunk")
-_FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 
 class NumbaBackend:
-    """NumPy arrays on the CPU; float16, float32 and float64 inputs."""
+    """NumPy arrays on the CPU; real floating inputs of any size and byte order.
+
+    The kernels compute in the call's native float32 or float64 (``Call.dtype``); inputs are
+    converted to it (big-endian, float16 and ``longdouble`` included), ``o`` comes back in
+    ``v``'s dtype.
+    """
 
     name = "numba"
     priority = 10
@@ -51,8 +55,8 @@ class NumbaBackend:
                 continue
             if not isinstance(x, np.ndarray):
                 return f"it runs numpy.ndarray inputs only, got {type(x).__name__}"
-            if x.dtype not in _FLOATS:
-                return f"it runs float16, float32 and float64 arrays, got {x.dtype}"
+            if x.dtype.kind != "f":
+                return f"it runs real floating arrays, got {x.dtype}"
         return None
 
     def run(self, call: Call) -> tuple[Any, Any]:
