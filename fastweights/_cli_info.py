@@ -14,7 +14,14 @@ from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any, TextIO
 
-__all__ = ["backend_rows", "format_backends", "format_versions", "package_versions", "run_info"]
+__all__ = [
+    "backend_rows",
+    "format_backends",
+    "format_versions",
+    "numba_threading",
+    "package_versions",
+    "run_info",
+]
 
 # (label, distribution names tried in order). CuPy ships under several wheel names.
 _REQUIRED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -172,6 +179,32 @@ def format_backends(rows: Sequence[dict[str, str]], width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def numba_threading() -> list[tuple[str, str]]:
+    """Return numba's threading layer, thread count and OpenMP wait policy as the numba
+    backend runs its kernels, or an empty list when numba is not installed.
+
+    Starts numba's worker threads (as the backend's first kernel would).
+
+    Returns
+    -------
+    list of (str, str)
+        ``(label, value)`` rows.
+
+    Examples
+    --------
+    >>> rows = dict(numba_threading())
+    >>> sorted(rows) in ([], ["threading layer", "threads", "wait policy"])
+    True
+    """
+    if _dist_version(("numba",)) is None:
+        return []
+    try:
+        from fastweights.backends.numba._layout import threading_info
+    except ImportError:
+        return []
+    return list(threading_info().items())
+
+
 def run_info(out: TextIO | None = None) -> int:
     """Print versions and the backend table; the body of ``python -m fastweights info``.
 
@@ -191,4 +224,8 @@ def run_info(out: TextIO | None = None) -> int:
     print(format_versions(package_versions()), file=out)
     print("\nBackends (highest priority first; `backend=NAME` picks one)", file=out)
     print(format_backends(backend_rows()), file=out)
+    threading_rows = numba_threading()
+    if threading_rows:
+        print("\nNumba threads (the numba backend's kernels)", file=out)
+        print(format_versions(threading_rows), file=out)
     return 0

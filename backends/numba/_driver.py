@@ -18,13 +18,14 @@ from ._layout import (
     call_kernel,
     dummy,
     kernel_args,
-    num_threads,
-    one_task_at_a_time,
+    launch,
     sequences,
     tasks,
+    threads_for,
     uniform_tasks,
     unit_last,
 )
+from ._passes import VB
 from .recurrent import recurrent_kernel
 from .step import step_kernel
 
@@ -61,12 +62,14 @@ def _recurrent(
     """Run the recurrent kernel; returns ``o [B, T, HV, V']`` in the compute dtype."""
     dt = a.v.dtype
     seq_b, t0, t1 = sequences(call)
+    work = int((t1 - t0).sum()) * a.n_sub * call.HV * call.K * a.V
+    n = threads_for(work, seq_b.shape[0] * call.HV * -(-a.V // VB))
     if call.cu_seqlens is None:
-        ts, th, tv0, tv1 = uniform_tasks(call.B, call.T, call.HV, a.V, num_threads())
+        ts, th, tv0, tv1 = uniform_tasks(call.B, call.T, call.HV, a.V, n)
     else:
-        ts, th, tv0, tv1 = tasks(t1 - t0, call.HV, a.V)
+        ts, th, tv0, tv1 = tasks(t1 - t0, call.HV, a.V, n)
     o = np.empty((call.B, call.T, call.HV, a.V), dtype=dt)
-    with one_task_at_a_time():
+    with launch(n):
         call_kernel(
             recurrent_kernel,
             a.q, a.k, a.v, a.gate, a.beta,
@@ -97,7 +100,8 @@ def _chunk(
     ts = np.repeat(np.arange(N, dtype=np.int64), HV)[order]
     th = np.tile(np.arange(HV, dtype=np.int64), N)[order]
     o = np.empty((call.B, call.T, HV, a.V), dtype=dt)
-    with one_task_at_a_time():
+    work = int((t1 - t0).sum()) * a.n_sub * HV * call.K * a.V
+    with launch(threads_for(work, N * HV)):
         call_kernel(
             chunk_kernel,
             a.q, a.k, a.v, a.gate, a.beta,
@@ -155,12 +159,15 @@ def step(call: Call) -> tuple[Any, Any]:
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
     if not call.normalize and pool.dtype == dt and unit_last(pool):
         o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
-        ts, th, tv0, tv1 = uniform_tasks(call.N, 1, call.HV, a.V, num_threads())
-        call_kernel(
-            step_kernel,
-            a.q, a.k, a.v, a.gate, a.beta, pool, rows, o, ts, th, tv0, tv1,
-            a.n_sub, a.G, a.gate_kind, a.erase, a.beta_per_value, a.l2norm, a.scale,
-        )  # fmt: skip
+        work = call.N * a.n_sub * call.HV * call.K * a.V
+        n = threads_for(work, call.N * call.HV * -(-a.V // VB))
+        ts, th, tv0, tv1 = uniform_tasks(call.N, 1, call.HV, a.V, n)
+        with launch(n):
+            call_kernel(
+                step_kernel,
+                a.q, a.k, a.v, a.gate, a.beta, pool, rows, o, ts, th, tv0, tv1,
+                a.n_sub, a.G, a.gate_kind, a.erase, a.beta_per_value, a.l2norm, a.scale,
+            )  # fmt: skip
         return _finish_o(call, o)[:, 0], pool
     current = [np.asarray(p)[rows] for p in pools]
     if call.normalize:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ from ._jit import DISABLE_JIT, compiling
 from ._passes import VB
 
 _lock = threading.Lock()
+
+
+def _passive_wait_policy() -> None:
+    """Let idle OpenMP workers sleep instead of spinning, unless the user chose otherwise.
+
+    libgomp's default spin-wait makes its idle workers compete for the cores with other
+    processes and with the next parallel region's own threads (a collapse on a busy machine).
+    libgomp reads these variables once, when numba's ``omp`` layer loads it: this runs before
+    the first kernel launch (a process that started numba's threads earlier keeps its policy).
+    """
+    global _policy_set_here
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _policy_set_here = True
+
+
+_policy_set_here = False
+_passive_wait_policy()
 
 
 def _any_layout(value: Any) -> Any:
@@ -66,11 +85,114 @@ def call_kernel(dispatcher: Any, *args: Any) -> Any:
 
 
 def num_threads() -> int:
+    """The calling thread's numba thread count (``numba.set_num_threads``): the most a kernel
+    launch uses."""
     if DISABLE_JIT:
         return 1
     from numba import get_num_threads
 
     return int(get_num_threads())
+
+
+MIN_WORK_PER_THREAD = 1 << 20
+"""State-element updates (about 0.3-1 ms of one core) below which a thread costs more to wake
+and join than it saves: a B=1 decoding step (H=16, K=V=128: 262144) runs on one thread."""
+
+
+def threads_for(work: int, parallel_tasks: int) -> int:
+    """Threads for a kernel launch of ``work`` state-element updates split in ``parallel_tasks``.
+
+    At most :func:`num_threads`, one per task, one per :data:`MIN_WORK_PER_THREAD` updates.
+
+    Examples
+    --------
+    >>> from fastweights.backends.numba._layout import threads_for
+    >>> threads_for(16 * 128 * 128, 32)  # one decoding step of 16 heads
+    1
+    """
+    return max(1, min(num_threads(), parallel_tasks, work // MIN_WORK_PER_THREAD))
+
+
+_serial = threading.Lock()
+_unsafe_layer: list[bool] = []
+
+
+def _layer_is_unsafe() -> bool:
+    """Whether numba's active threading layer breaks under concurrent launches (workqueue)."""
+    if not _unsafe_layer:
+        from numba import threading_layer
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+        _unsafe_layer.append(threading_layer() == "workqueue")
+    return _unsafe_layer[0]
+
+
+@contextlib.contextmanager
+def launch(threads: int) -> Iterator[None]:
+    """Run a kernel launch on ``threads`` threads, ``prange`` handing out one task at a time.
+
+    Both settings are numba's thread-local ones, restored afterwards, so concurrent callers do
+    not see each other's. Under the ``workqueue`` layer, which aborts the process when two
+    threads launch at once, launches are serialised; ``omp`` and ``tbb`` run them concurrently.
+    """
+    if DISABLE_JIT:
+        yield
+        return
+    from numba import (
+        get_num_threads,
+        get_parallel_chunksize,
+        set_num_threads,
+        set_parallel_chunksize,
+    )
+
+    guard = _serial if _layer_is_unsafe() else contextlib.nullcontext()
+    with guard:
+        old_threads = get_num_threads()
+        old_chunk = get_parallel_chunksize()
+        set_num_threads(max(1, min(threads, old_threads)))
+        set_parallel_chunksize(1)
+        try:
+            yield
+        finally:
+            set_parallel_chunksize(old_chunk)
+            set_num_threads(old_threads)
+
+
+def threading_info() -> dict[str, str]:
+    """numba's threading layer, thread count and the OpenMP wait policy, for ``info``.
+
+    Starts numba's threads (after :func:`_passive_wait_policy`, as a first kernel would).
+    """
+    from numba import config, get_num_threads
+
+    layer = "unavailable"
+    try:
+        _layer_is_unsafe()
+        from numba import threading_layer
+
+        layer = str(threading_layer())
+    except (ImportError, ValueError) as exc:  # no usable layer
+        layer = f"unavailable ({exc})".splitlines()[0]
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    if _policy_set_here:
+        wait = "passive (OMP_WAIT_POLICY=PASSIVE set by fastweights; set it to override)"
+    elif policy is not None or spin is not None:
+        parts = [f"OMP_WAIT_POLICY={policy}" if policy is not None else "", ""]
+        parts[1] = f"GOMP_SPINCOUNT={spin}" if spin is not None else ""
+        wait = "set by the user: " + " ".join(p for p in parts if p)
+    else:
+        wait = "OpenMP default"
+    if layer != "omp" and not layer.startswith("unavailable"):
+        wait += " (applies to the omp layer only)"
+    return {
+        "threading layer": layer,
+        "threads": f"{get_num_threads()} (NUMBA_NUM_THREADS="
+        f"{getattr(config, 'NUMBA_NUM_THREADS', '?')}); "
+        f"fewer for small calls, one per {MIN_WORK_PER_THREAD} state updates",
+        "wait policy": wait,
+    }
 
 
 _DUMMY: dict[Any, np.ndarray] = {}
@@ -167,14 +289,14 @@ def uniform_tasks(
     N: int, T: int, HV: int, V: int, threads: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`tasks` for ``N`` sequences of ``T`` tokens (cached: decoding calls repeat)."""
-    out = tasks(np.full(N, T, np.int64), HV, V)
+    out = tasks(np.full(N, T, np.int64), HV, V, threads)
     for x in out:
         x.flags.writeable = False
     return out
 
 
 def tasks(
-    lengths: np.ndarray, HV: int, V: int
+    lengths: np.ndarray, HV: int, V: int, threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split the work into (sequence, value head, value blocks) tasks, longest first.
 
@@ -184,7 +306,7 @@ def tasks(
     """
     nvb = -(-V // VB)
     pairs = int(lengths.shape[0]) * HV
-    want = 2 * num_threads()
+    want = 2 * (num_threads() if threads is None else threads)
     groups = 1 if pairs >= want else min(nvb, -(-want // max(pairs, 1)))
     bounds = np.linspace(0, nvb, groups + 1).round().astype(np.int64)
     seq = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), HV * groups)
@@ -192,19 +314,3 @@ def tasks(
     g = np.tile(np.arange(groups, dtype=np.int64), lengths.shape[0] * HV)
     order = np.argsort(-lengths[seq], kind="stable")
     return seq[order], hv[order], bounds[g][order], bounds[g + 1][order]
-
-
-@contextlib.contextmanager
-def one_task_at_a_time() -> Iterator[None]:
-    """``prange`` hands out one task at a time (tasks differ in length), then restores."""
-    if DISABLE_JIT:
-        yield
-        return
-    from numba import get_parallel_chunksize, set_parallel_chunksize
-
-    old = get_parallel_chunksize()
-    set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        set_parallel_chunksize(old)
