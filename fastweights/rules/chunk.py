@@ -16,17 +16,19 @@ scores of every chunk and one state), never a state per token or per chunk.
 
 Numerics: every decay factor is ``exp`` of a sum of gates over an interval, accumulated
 directly (forward or reverse cumulative sums, segment sums), never as a difference of two
-cumulative sums. That keeps gates of exactly 0 exact, stays accurate when the cumulative decay
-inside a chunk is far below -88, and turns a gate of ``-inf`` into an exact zero factor
-instead of ``-inf - (-inf) = nan``.
+cumulative sums. That keeps gates of exactly 0 exact and stays accurate when the cumulative
+decay inside a chunk is far below -88.
 
-Non-finite inputs propagate but, unlike in the recurrent form, not only forward in time: a NaN
-or Inf in one row reaches every output of its chunk, because the masked-out (zero) scores
-still multiply it (``0 * nan = nan``).
+Non-finite inputs propagate causally, as in the recurrent form (API.md). Zeros that stand for
+"no term" -- the causal mask, and the decay across a ``-inf`` gate (a reset) -- are exact:
+such a term is selected away, never multiplied (``0 * nan`` would be NaN). Resets are counted
+separately from the finite part of the gates, so an interval holding a ``-inf`` has a log-decay
+of exactly ``-inf`` even when it also holds a NaN gate.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -42,6 +44,10 @@ def _zero(xp: ModuleType, like: Any) -> Any:
     return xp.zeros((), dtype=like.dtype, device=device(like))
 
 
+def _neg_inf(xp: ModuleType, like: Any) -> Any:
+    return xp.asarray(-xp.inf, dtype=like.dtype, device=device(like))
+
+
 def _mask(xp: ModuleType, n: int, like: Any, *, strict: bool, offset: int = 0) -> Any:
     """``[n, n]`` boolean: row r may see column s (``r > s`` if strict else ``r >= s``)."""
     r = xp.arange(n, device=device(like))[:, None] + offset
@@ -49,18 +55,77 @@ def _mask(xp: ModuleType, n: int, like: Any, *, strict: bool, offset: int = 0) -
     return r > s if strict else r >= s
 
 
-def _segment_sums(xp: ModuleType, g: Any, *, strict: bool) -> Any:
+@dataclass
+class Gate:
+    """A chunked log-decay ``[..., C, 1 or K]`` split for exact resets.
+
+    ``finite`` is the gate with ``-inf`` replaced by 0 (NaN kept); ``resets`` counts the
+    ``-inf`` gates of each channel in rows ``<= r`` and ``full`` those in every channel at
+    once (``[..., C, 1]``). A count difference over an interval says whether it holds a reset.
+    """
+
+    finite: Any
+    resets: Any
+    full: Any
+
+
+def split_gate(xp: ModuleType, g: Any) -> Gate:
+    reset = g == -xp.inf
+    finite = xp.where(reset, _zero(xp, g), g)
+    resets = xp.cumulative_sum(xp.astype(reset, g.dtype), axis=-2)
+    everywhere = xp.all(reset, axis=-1, keepdims=True)
+    full = xp.cumulative_sum(xp.astype(everywhere, g.dtype), axis=-2)
+    return Gate(finite, resets, full)
+
+
+def decay(xp: ModuleType, x: Any, log_f: Any) -> Any:
+    """``x * exp(log_f)``, exactly 0 where ``log_f`` is ``-inf`` even if ``x`` is NaN or Inf."""
+    cut = log_f == -xp.inf
+    return xp.where(cut, _zero(xp, x), x * xp.exp(xp.where(cut, _zero(xp, log_f), log_f)))
+
+
+def select_matmul(xp: ModuleType, X: Any, zero: Any, Y: Any) -> Any:
+    """``X @ Y`` where the entries of ``X`` marked by ``zero`` are no terms at all.
+
+    A marked entry contributes exactly 0, even against a NaN or Inf in ``Y``; everything else
+    propagates as in a plain product. ``zero`` broadcasts against ``X``; a mask constant along
+    the contraction (``[..., C, 1]``) just zeroes output rows.
+    """
+    X = xp.where(zero, _zero(xp, X), X)
+    if zero.shape[-1] == 1:
+        return xp.where(zero, _zero(xp, X), xp.matmul(X, Y))
+    finite = xp.isfinite(Y)
+    clean = xp.matmul(X, xp.where(finite, Y, _zero(xp, Y)))
+    terms = xp.astype(xp.logical_not(zero), X.dtype)
+    hits = xp.matmul(terms, xp.astype(xp.logical_not(finite), X.dtype))
+    return xp.where(hits > 0, xp.matmul(X, Y), clean)
+
+
+def _hidden(xp: ModuleType, gate: Gate | None, like: Any, *, strict: bool) -> Any:
+    """``[..., C, C]`` boolean: pair ``(r, s)`` has no term (not visible, or a reset of every
+    channel in ``(s, r]``)."""
+    C = like.shape[-2]
+    hidden = xp.logical_not(_mask(xp, C, like, strict=strict))
+    if gate is None:
+        return hidden
+    full = gate.full[..., 0]
+    return xp.logical_or(hidden, full[..., :, None] - full[..., None, :] > 0)
+
+
+def _segment_sums(xp: ModuleType, g: Any, resets: Any, *, strict: bool) -> Any:
     """``[..., C, C, K]`` with ``sum_{s < u <= r} g_u`` where visible, ``-inf`` elsewhere.
 
-    ``g`` is ``[..., C, K]`` (``K`` may be 1). The sums are taken
-    directly along the rows (the SSD "segsum"), not as differences of cumulative sums.
+    ``g`` (the finite part) and ``resets`` are ``[..., C, K]`` (``K`` may be 1). The sums are
+    taken directly along the rows (the SSD "segsum"), not as differences of cumulative sums; an
+    interval holding a reset of the channel is ``-inf``.
     """
     C = g.shape[-2]
     u_gt_s = _mask(xp, C, g, strict=True)[:, :, None]  # [u, s, 1]
     terms = xp.where(u_gt_s, g[..., :, None, :], _zero(xp, g))  # [..., u, s, K]
     sums = xp.cumulative_sum(terms, axis=-3)  # over u <= r
-    visible = _mask(xp, C, g, strict=strict)[:, :, None]
-    return xp.where(visible, sums, xp.asarray(-xp.inf, dtype=g.dtype, device=device(g)))
+    crossed = resets[..., :, None, :] - resets[..., None, :, :] > 0
+    keep = xp.logical_and(_mask(xp, C, g, strict=strict)[:, :, None], xp.logical_not(crossed))
+    return xp.where(keep, sums, _neg_inf(xp, g))
 
 
 def _reverse_exclusive_cumsum(xp: ModuleType, g: Any) -> Any:
@@ -70,42 +135,58 @@ def _reverse_exclusive_cumsum(xp: ModuleType, g: Any) -> Any:
     return xp.concat([rev[..., 1:, :], tail], axis=-2)
 
 
-def decayed_scores(xp: ModuleType, X: Any, Y: Any, g: Any, *, strict: bool) -> Any:
+def decayed_scores(
+    xp: ModuleType, X: Any, Y: Any, gate: Gate | None, *, strict: bool
+) -> tuple[Any, Any]:
     """``M_rs = sum_i X_ri Y_si exp(sum_{s<u<=r} g_ui)`` for visible ``(r, s)``, else 0.
 
-    ``X, Y: [..., C, K]``; ``g: [..., C, 1]`` (per head), ``[..., C, K]`` (per key channel) or
-    None. A per-channel decay cannot be factored out of the product as one matrix: row blocks
-    of ``SUB_BLOCK`` use the block's first row as reference point, so both factors
+    ``X, Y: [..., C, K]``; ``gate`` per head (``[..., C, 1]``), per key channel or None.
+    Returns ``M`` and the mask of pairs without a term (:func:`_hidden`), where ``M`` is 0.
+    A per-channel decay cannot be factored out of the product as one matrix: row blocks of
+    ``SUB_BLOCK`` use the block's first row as reference point, so both factors
     ``exp(b_r - b_ref)`` and ``exp(b_ref - b_s)`` are at most 1, and the diagonal blocks take
     the exponent elementwise.
     """
-    if g is None or g.shape[-1] == 1:
+    hidden = _hidden(xp, gate, X, strict=strict)
+    if gate is None or gate.finite.shape[-1] == 1:
         M = xp.matmul(X, xp.matrix_transpose(Y))
-        if g is None:
-            return xp.where(_mask(xp, M.shape[-1], M, strict=strict), M, _zero(xp, M))
-        return M * xp.exp(_segment_sums(xp, g, strict=strict)[..., 0])
+        if gate is not None:
+            ss = _segment_sums(xp, gate.finite, gate.resets, strict=strict)[..., 0]
+            M = M * xp.exp(xp.where(hidden, _zero(xp, ss), ss))
+        return xp.where(hidden, _zero(xp, M), M), hidden
+    g, resets = gate.finite, gate.resets
     C = X.shape[-2]
     rows = []
     for a0 in range(0, C, SUB_BLOCK):
         a1 = min(a0 + SUB_BLOCK, C)
-        Xa, Ya, ga = X[..., a0:a1, :], Y[..., a0:a1, :], g[..., a0:a1, :]
-        E = xp.exp(_segment_sums(xp, ga, strict=strict))  # [..., L, L, K]
-        diag = xp.sum(Xa[..., :, None, :] * Ya[..., None, :, :] * E, axis=-1)
-        parts = [diag]
+        Xa, Ya = X[..., a0:a1, :], Y[..., a0:a1, :]
+        ss = _segment_sums(xp, g[..., a0:a1, :], resets[..., a0:a1, :], strict=strict)
+        pair = Xa[..., :, None, :] * Ya[..., None, :, :]  # [..., L, L, K]
+        parts = [xp.sum(decay(xp, pair, ss), axis=-1)]
         if a0 > 0:
-            to_row = xp.exp(xp.cumulative_sum(ga, axis=-2))  # sum_{a0 <= u <= r}
-            from_col = xp.exp(_reverse_exclusive_cumsum(xp, g[..., :a0, :]))  # sum_{s<u<a0}
-            off = xp.matmul(Xa * to_row, xp.matrix_transpose(Y[..., :a0, :] * from_col))
+            ref = resets[..., a0 - 1 : a0, :]
+            to_row = xp.cumulative_sum(g[..., a0:a1, :], axis=-2)  # sum_{a0 <= u <= r}
+            to_row = xp.where(resets[..., a0:a1, :] - ref > 0, _neg_inf(xp, g), to_row)
+            from_col = _reverse_exclusive_cumsum(xp, g[..., :a0, :])  # sum_{s < u < a0}
+            from_col = xp.where(ref - resets[..., :a0, :] > 0, _neg_inf(xp, g), from_col)
+            Yd = decay(xp, Y[..., :a0, :], from_col)
+            off = select_matmul(
+                xp, decay(xp, Xa, to_row), to_row == -xp.inf, xp.matrix_transpose(Yd)
+            )
             parts.insert(0, off)
         if a1 < C:
-            parts.append(xp.zeros((*diag.shape[:-1], C - a1), dtype=X.dtype, device=device(X)))
+            shape = (*parts[0].shape[:-1], C - a1)
+            parts.append(xp.zeros(shape, dtype=X.dtype, device=device(X)))
         rows.append(xp.concat(parts, axis=-1))
-    return xp.concat(rows, axis=-2)
+    M = xp.concat(rows, axis=-2)
+    return xp.where(hidden, _zero(xp, M), M), hidden
 
 
-def solve_unit_lower(xp: ModuleType, A: Any, R: Any) -> Any:
+def solve_unit_lower(xp: ModuleType, A: Any, hidden: Any, R: Any) -> Any:
     """``X`` with ``(I + A) X = R`` for strictly lower-triangular ``A: [..., C, C]``.
 
+    ``hidden`` marks the entries of ``A`` that are no terms (above the diagonal, across a
+    reset): they never multiply a row of ``X``, so a NaN stays in the rows that depend on it.
     Blocked forward substitution: each block of rows first takes the products with the rows
     already solved, then its own small triangle by a column sweep. No inverse is formed.
     """
@@ -115,11 +196,12 @@ def solve_unit_lower(xp: ModuleType, A: Any, R: Any) -> Any:
         b1 = min(b0 + SUB_BLOCK, C)
         x = R[..., b0:b1, :]
         if solved is not None:
-            x = x - xp.matmul(A[..., b0:b1, :b0], solved)
-        Ab = A[..., b0:b1, b0:b1]
+            x = x - select_matmul(xp, A[..., b0:b1, :b0], hidden[..., b0:b1, :b0], solved)
+        Ab, Hb = A[..., b0:b1, b0:b1], hidden[..., b0:b1, b0:b1]
         for j in range(b1 - b0 - 1):
             # Column j of the block only touches rows below j, whose values are final.
-            x = x - Ab[..., :, j : j + 1] * x[..., j : j + 1, :]
+            term = Ab[..., :, j : j + 1] * x[..., j : j + 1, :]
+            x = x - xp.where(Hb[..., :, j : j + 1], _zero(xp, term), term)
         solved = x if solved is None else xp.concat([solved, x], axis=-2)
     return R if solved is None else solved
 
@@ -143,37 +225,63 @@ def chunk(p: Problem, chunk_size: int, *, one_chunk: bool = False) -> tuple[Any,
         return xp.zeros((N, HV, 0, p.v.shape[-1]), dtype=S.dtype, device=device(S)), S
     C = R if one_chunk else min(chunk_size, R)
     q, k, v = (_to_chunks(xp, x, C) for x in (p.q, p.k, p.v))
-    g = None if p.log_decay is None else _to_chunks(xp, p.log_decay, C)
+    gate = None if p.log_decay is None else split_gate(xp, _to_chunks(xp, p.log_decay, C))
     beta = None if p.beta is None else _to_chunks(xp, p.beta, C)
     nc = q.shape[2]
-    if g is None:
-        q_decay = k_decay = total = None
-    else:
-        from_start = xp.cumulative_sum(g, axis=-2)
-        q_decay = xp.exp(from_start)  # exp(b_r)
-        k_decay = xp.exp(_reverse_exclusive_cumsum(xp, g))  # exp(b_C - b_r)
-        total = q_decay[..., -1, :]  # exp(b_C), [N, HV, nc, 1 or K]
-    scores = decayed_scores(xp, q, k, g, strict=False)
-    qd = q if q_decay is None else q * q_decay
-    kd = k if k_decay is None else k * k_decay
+    qd, kd = q, k
+    if gate is not None:
+        inf = _neg_inf(xp, gate.finite)
+        # exp(b_r), the decay from the chunk's start, and exp(b_C - b_r), to its end.
+        from_start = xp.cumulative_sum(gate.finite, axis=-2)
+        from_start = xp.where(gate.resets > 0, inf, from_start)
+        to_end = _reverse_exclusive_cumsum(xp, gate.finite)
+        to_end = xp.where(gate.resets[..., -1:, :] - gate.resets > 0, inf, to_end)
+        total = from_start[..., -1, :, None]  # log exp(b_C), [N, HV, nc, 1 or K, 1]
+        qd, kd = decay(xp, q, from_start), decay(xp, k, to_end)
+    scores, hidden = decayed_scores(xp, q, k, gate, strict=False)
     W = None
     U = v
     if p.erase:
-        A = decayed_scores(xp, k, k, g, strict=True) * beta
-        kb = beta * (k if q_decay is None else k * q_decay)
+        A, hidden_a = decayed_scores(xp, k, k, gate, strict=True)
+        A = A * beta
+        A = xp.where(hidden_a, _zero(xp, A), A)
+        kb = beta * (k if gate is None else decay(xp, k, from_start))
         rhs = xp.concat([kb, beta * v], axis=-1)
         if not one_chunk and rhs.shape[-1] > C:
             # Cheaper to solve for the C x C inverse and multiply (SPEC's T = (I + A)^-1).
-            eye = xp.eye(C, dtype=A.dtype, device=device(A))
-            X = xp.matmul(solve_unit_lower(xp, A, xp.broadcast_to(eye, A.shape)), rhs)
+            eye = xp.broadcast_to(xp.eye(C, dtype=A.dtype, device=device(A)), A.shape)
+            X = select_matmul(xp, solve_unit_lower(xp, A, hidden_a, eye), hidden, rhs)
         else:
-            X = solve_unit_lower(xp, A, rhs)
+            X = solve_unit_lower(xp, A, hidden_a, rhs)
         W, U = X[..., :K], X[..., K:]
     outputs = []
     for c in range(nc):
-        u = U[:, :, c, ...] if W is None else U[:, :, c, ...] - xp.matmul(W[:, :, c, ...], S)
-        outputs.append(xp.matmul(qd[:, :, c, ...], S) + xp.matmul(scores[:, :, c, ...], u))
-        if total is not None:
-            S = S * total[:, :, c, :, None]
-        S = S + xp.matmul(xp.matrix_transpose(kd[:, :, c, ...]), u)
+        u = U[:, :, c, ...]
+        if W is not None:
+            if gate is None:
+                u = u - xp.matmul(W[:, :, c, ...], S)
+            else:
+                # W's row r has no term from S's row i after a reset of every channel up to
+                # r, or of channel i at the chunk's first row.
+                full = gate.full[:, :, c, ...] > 0
+                first = gate.resets[:, :, c, :1, :] > 0
+                w_zero = full if first.shape[-1] == 1 else xp.logical_or(full, first)
+                u = u - select_matmul(xp, W[:, :, c, ...], w_zero, S)
+        if gate is None:
+            o = xp.matmul(q[:, :, c, ...], S)
+            write = xp.matmul(xp.matrix_transpose(k[:, :, c, ...]), u)
+        else:
+            q_zero = from_start[:, :, c, ...] == -xp.inf
+            o = select_matmul(xp, qd[:, :, c, ...], q_zero, S)
+            k_zero = to_end[:, :, c, ...] == -xp.inf
+            kdc = xp.matrix_transpose(kd[:, :, c, ...])
+            if k_zero.shape[-1] == 1:  # per head: drop the rows before a reset
+                write = xp.matmul(kdc, xp.where(k_zero, _zero(xp, u), u))
+            else:
+                write = select_matmul(xp, kdc, xp.matrix_transpose(k_zero), u)
+            S = decay(xp, S, total[:, :, c, ...])
+        hidden_c = hidden if hidden.ndim == 2 else hidden[:, :, c, ...]
+        o = o + select_matmul(xp, scores[:, :, c, ...], hidden_c, u)
+        outputs.append(o)
+        S = S + write
     return xp.concat(outputs, axis=2)[:, :, :R, :], S

@@ -19,17 +19,22 @@ from ._layout import Problem
 def recurrent(p: Problem) -> tuple[Any, Any]:
     """Run the general rule over all steps; returns ``(o [N, HV, R, V], final state)``.
 
-    A gate of ``-inf`` gives ``exp(-inf) = 0``: the state is reset to exactly zero before the
-    step's write.
+    A gate of ``-inf`` resets the state (its rows, per key channel) to exactly zero before the
+    step's write: the rows are selected away, not multiplied by ``exp(-inf) = 0``, so a NaN or
+    Inf in them does not survive.
     """
     xp, S = p.xp, p.state
-    alpha = None if p.log_decay is None else xp.exp(p.log_decay)
+    alpha = reset = None
+    if p.log_decay is not None:
+        reset = p.log_decay == -xp.inf
+        alpha = xp.exp(p.log_decay)
+    zero = xp.zeros((), dtype=S.dtype, device=device(S))
     outputs = []
     for t in range(p.k.shape[2]):
         k_t = p.k[:, :, t, None, :]  # [N, HV, 1, K]
-        if alpha is not None:
+        if alpha is not None and reset is not None:
             # [N, HV, 1 or K] decays the rows (key channels) of S.
-            S = S * alpha[:, :, t, :, None]
+            S = xp.where(reset[:, :, t, :, None], zero, S * alpha[:, :, t, :, None])
         u = p.v[:, :, t, None, :]  # [N, HV, 1, V]
         if p.erase:
             u = p.beta[:, :, t, None, :] * (u - xp.matmul(k_t, S))

@@ -91,8 +91,12 @@ def _scan(
     # Value head j reads query/key head j // G.
     q = np.repeat(q, hv // heads, axis=2)
     k = np.repeat(k, hv // heads, axis=2)
-    alpha = None if g is None else np.exp(np.asarray(g, dtype=np.float64))
-    alpha_k = None if gk is None else np.exp(np.asarray(gk, dtype=np.float64))
+    # A -inf gate resets (rows of) the state to exactly zero: selected, not multiplied by 0,
+    # so a NaN or Inf there does not survive it.
+    g = None if g is None else np.asarray(g, dtype=np.float64)
+    gk = None if gk is None else np.asarray(gk, dtype=np.float64)
+    alpha = None if g is None else np.exp(g)
+    alpha_k = None if gk is None else np.exp(gk)
     if beta is not None:
         beta = np.asarray(beta, dtype=np.float64)
         if beta.ndim == 3:
@@ -112,10 +116,10 @@ def _scan(
         S = states[i]
         z = norms[i]
         for t in range(start, end):
-            if alpha is not None:
-                S = alpha[b, t][:, None, None] * S
-            if alpha_k is not None:
-                S = alpha_k[b, t][:, :, None] * S
+            if g is not None and alpha is not None:
+                S = np.where(g[b, t][:, None, None] == -np.inf, 0.0, alpha[b, t][:, None, None] * S)
+            if gk is not None and alpha_k is not None:
+                S = np.where(gk[b, t][:, :, None] == -np.inf, 0.0, alpha_k[b, t][:, :, None] * S)
             for j in range(n):
                 kt, vt = k[b, t * n + j], v[b, t * n + j]
                 if beta is None:
