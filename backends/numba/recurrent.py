@@ -431,30 +431,29 @@ def _sweep(
 
 
 @jit(nrt=False, reduce=True)
-def _finite(
-    o: Array,
-    state_out: Array,
-    out_row: int,
-    b: int,
-    t0: int,
-    t1: int,
-    hv: int,
-    c0: int,
-    c1: int,
-    write_state: bool,
-) -> bool:
-    """Whether a task's outputs (and final state if written) are all finite."""
+def _first_non_finite(o: Array, b: int, t0: int, t1: int, hv: int, c0: int, c1: int) -> int:
+    """The first token of ``t0 .. t1-1`` with a NaN or Inf in ``o[b, t, hv, c0:c1]``, else
+    ``t1``."""
     z = o[0, 0, 0, 0] * 0.0
-    acc = z
     for t in range(t0, t1):
         p = row(o, b, t, hv, c0)
+        acc = z
         for j in range(c1 - c0):
             acc += p[j] * z  # NaN iff some p[j] is NaN or Inf (no fast-math nnan/ninf)
-    if write_state:
-        for i in range(state_out.shape[2]):
-            p = row(state_out, out_row, hv, i, c0)
-            for j in range(c1 - c0):
-                acc += p[j] * z
+        if acc != z:
+            return t
+    return t1
+
+
+@jit(nrt=False, reduce=True)
+def _state_finite(state: Array, n: int, hv: int, c0: int, c1: int) -> bool:
+    """Whether ``state[n, hv, :, c0:c1]`` is all finite."""
+    z = state[0, 0, 0, 0] * 0.0
+    acc = z
+    for i in range(state.shape[2]):
+        p = row(state, n, hv, i, c0)
+        for j in range(c1 - c0):
+            acc += p[j] * z
     return acc == z
 
 
@@ -487,7 +486,7 @@ def _task(
     scale: float,
 ) -> None:
     """:func:`_sweep` with the running decay; again with every decay applied at once (the
-    plain recurrence) if a result is not finite.
+    plain recurrence) from the first non-finite output, if a result is not finite.
 
     ``S~ = S / c`` can overflow where ``S`` does not (``|S|`` near the dtype's largest value
     times ``c``); it then shows as a non-finite output or final state. Non-finite inputs take
@@ -499,12 +498,20 @@ def _task(
     )  # fmt: skip
     c0 = vb0 * VB
     c1 = min(vb1 * VB, v.shape[3])
-    if not _finite(o, state_out, out_row, b, t0, t1, hv, c0, c1, write_state):
-        _sweep(
-            q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0,
-            vb1, n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm,
-            scale, 1.0,
-        )  # fmt: skip
+    bad = _first_non_finite(o, b, t0, t1, hv, c0, c1)
+    if bad == t1 and (not write_state or _state_finite(state_out, out_row, hv, c0, c1)):
+        return
+    # Outputs before the first non-finite one are kept bitwise (causality), the rest redone.
+    keep = np.empty((bad - t0, c1 - c0), o.dtype)
+    for t in range(t0, bad):
+        keep[t - t0] = o[b, t, hv, c0:c1]
+    _sweep(
+        q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0,
+        vb1, n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm,
+        scale, 1.0,
+    )  # fmt: skip
+    for t in range(t0, bad):
+        o[b, t, hv, c0:c1] = keep[t - t0]
 
 
 @jit(parallel=True)
