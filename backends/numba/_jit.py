@@ -168,6 +168,8 @@ else:
             self._lineno = py_func.__code__.co_firstlineno
             qualname = getattr(py_func, "__qualname__", py_func.__name__)
             source = inspect.getfile(py_func)
+            if not os.path.isfile(source):
+                raise RuntimeError(f"{qualname} has no source file to cache it by")
             locator = KernelCacheLocator.from_function(py_func, source)
             if locator is None:
                 raise OSError(f"cannot use the kernel cache folder {kernel_cache_dir(CHECKED)}")
@@ -220,8 +222,10 @@ else:
     def _enable_cache(dispatcher: Any) -> Any:
         try:
             dispatcher._cache = KernelCache(dispatcher.py_func)
-        except (OSError, RuntimeError) as exc:
+        except OSError as exc:
             _warn_unwritable(str(kernel_cache_dir(CHECKED)), exc)
+        except RuntimeError:
+            pass  # defined without a source file (``python -c``): compiled in memory
         return dispatcher
 
     # --------------------------------------------------------------------------- jit
