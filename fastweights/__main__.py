@@ -16,9 +16,10 @@ Subcommands import their modules lazily, so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 __all__ = ["build_parser", "main"]
 
@@ -59,13 +60,20 @@ class _StderrHandler(logging.StreamHandler):
         return "\r\x1b[K" + text if tty else text
 
 
-def _show_logs() -> None:
-    """Show the ``fastweights`` logger's INFO records on stderr (once per process)."""
+@contextlib.contextmanager
+def _show_logs() -> Iterator[None]:
+    """Show the ``fastweights`` logger's INFO records on stderr while the command runs."""
     logger = logging.getLogger("fastweights")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+    handler = _StderrHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
         logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _mib(size: int) -> str:
@@ -205,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "gpu-check":  # gpu-check parses its own options
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _show_logs()
+    with _show_logs():
+        return _run(args, extra)
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "cache":
         return _run_cache(args.clear)
     if args.command == "warmup":

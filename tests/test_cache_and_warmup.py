@@ -259,3 +259,34 @@ def test_demo_shows_progress_while_it_compiles() -> None:
     out = _python("", {}, "-m", "fastweights", "demo", "--quick", "--no-plot", "--no-bench")
     assert "warmup [" in out.stderr and "done in" in out.stderr
     assert "Table 1" in out.stdout
+
+
+def test_cli_warmup_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from fastweights.__main__ import main
+
+    assert main(["warmup", "--ops", "nope", "--backend", "reference"]) == 2
+    assert "ops" in capsys.readouterr().err
+
+
+def test_cli_shows_log_records_only_while_it_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import logging
+
+    from fastweights.__main__ import main
+
+    logger = logging.getLogger("fastweights")
+    handlers, level = list(logger.handlers), logger.level
+    monkeypatch.setenv("FASTWEIGHTS_CACHE_DIR", str(tmp_path))
+    usage = kc.cache_usage
+
+    def logging_usage() -> dict[str, Any]:
+        logger.info("hello")
+        return usage()
+
+    monkeypatch.setattr(kc, "cache_usage", logging_usage)
+    assert main(["cache"]) == 0
+    out, err = capsys.readouterr()
+    assert str(tmp_path) in out and "0 folders" in out
+    assert "fastweights: hello" in err
+    assert logger.handlers == handlers and logger.level == level
