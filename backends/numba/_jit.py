@@ -43,6 +43,8 @@ index and the prefetches do nothing. It has its own cache folder.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import inspect
 import logging
 import operator
@@ -139,10 +141,9 @@ else:
             return self._path
 
         def get_source_stamp(self) -> Any:
-            # The folder is keyed by a digest of every kernel source; within it a file's
-            # content hash, as numba's own locators.
-            st = os.stat(self._py_file)
-            return caching._hash_source_file(self._py_file, st.st_mtime, st.st_size)
+            # The folder is keyed by a digest of every kernel source; within it the file's
+            # content hash (not its mtime: a reinstall of the same code stays cached).
+            return _file_digest(self._py_file)
 
         def get_disambiguator(self) -> str:
             return str(self._lineno)
@@ -159,6 +160,11 @@ else:
                     return None
                 self.writable = False  # load what is there, save nothing
             return self
+
+    @functools.cache
+    def _file_digest(path: str) -> str:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
 
     class _KernelCacheImpl(caching.CompileResultCacheImpl):
         """numba's cache of compile results with :class:`KernelCacheLocator` only (numba's
