@@ -111,7 +111,8 @@ def _offers(engine: Engine, call: Call) -> bool:
     if engine.form == "step":
         return True
     op = "simple_gla" if call.op == "retention" else call.op
-    backend = _available().get(engine.backend)
+    with _engine_env(engine):
+        backend = _available().get(engine.backend)
     offered = () if backend is None else backend.ops.get(op, ())
     return engine.form in offered and call.unavailable_form(engine.form) is None
 

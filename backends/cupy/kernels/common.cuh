@@ -59,6 +59,9 @@ __device__ __forceinline__ void fw_store(fw_half* p, float x) { p->bits = fw_flo
 
 __device__ __forceinline__ float fw_exp(float x) { return expf(x); }
 __device__ __forceinline__ double fw_exp(double x) { return exp(x); }
+// x == -inf, without INFINITY (no headers under NVRTC): only -inf lies below -max.
+__device__ __forceinline__ bool fw_is_neg_inf(float x) { return x < -3.40282346638528859812e38f; }
+__device__ __forceinline__ bool fw_is_neg_inf(double x) { return x < -1.7976931348623157e308; }
 __device__ __forceinline__ float fw_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double fw_sqrt(double x) { return sqrt(x); }
 

@@ -10,8 +10,9 @@
 // MODE selects the parts at compile time: the gate (none / per head / per key channel), beta
 // (none, i.e. Hebbian with erase = 0 and beta = 1 / per head / per value channel) and the
 // normaliser of linear attention. DeltaProduct runs NS delta steps per token: the decay before
-// the first, the read after the last. A gate of -inf multiplies the state by exp(-inf) = 0: a
-// hard reset, without NaN.
+// the first, the read after the last. A gate of -inf is a hard reset: the state (its row, per
+// key channel) becomes exactly 0, selected rather than multiplied by exp(-inf) = 0, so a NaN or
+// Inf in it does not survive (API.md).
 //
 // Threads: thread `tid` owns rows [ks*KPT, ks*KPT + KPT) of column `cl` of the tile, with
 // ks = tid % KSPLIT and cl = tid / KSPLIT, so the KSPLIT threads sharing a column are
@@ -166,16 +167,20 @@ fw_recurrent(const Tin* __restrict__ q, const Tin* __restrict__ k, const Tin* __
         if (GATE != 0 && s == 0) {
             if (GATE == FW_GATE_HEAD) {
                 const Tc a = fw_exp(gg[0]);
+                const bool cut = fw_is_neg_inf(gg[0]);
 #pragma unroll
-                for (int i = 0; i < KPT; ++i) S[i] *= a;
+                for (int i = 0; i < KPT; ++i) S[i] = cut ? Tc(0) : S[i] * a;
             } else {
 #pragma unroll
-                for (int i = 0; i < KPT; ++i) S[i] *= fw_exp(gg[i]);
+                for (int i = 0; i < KPT; ++i)
+                    S[i] = fw_is_neg_inf(gg[i]) ? Tc(0) : S[i] * fw_exp(gg[i]);
             }
         }
         const Tc u = BETA != 0 ? bb * (vv - fw_group_sum<KSPLIT>(fw_dot<KPT>(S, kk))) : vv;
+        // Rows outside K stay exactly 0: 0 * NaN there would outlive a -inf reset of gk.
 #pragma unroll
-        for (int i = 0; i < KPT; ++i) S[i] += kk[i] * u;
+        for (int i = 0; i < KPT; ++i)
+            if (i < kn) S[i] += kk[i] * u;
         if (NORM) {
 #pragma unroll
             for (int i = 0; i < KPT; ++i) Z[i] += kk[i];
