@@ -167,6 +167,30 @@ def test_sequence_any_state_and_input_layout(
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["F", "transposed", "reversed_last", "broadcast"])
+def test_normalized_linear_attn_state_layouts(layout: str, dtype: str) -> None:
+    """``linear_attn(normalize=True)`` from an ``(S, z)`` pair of any layout (a Fortran-ordered,
+    transposed or broadcast pair gave a relative error of 0.8)."""
+    dt = np.dtype(dtype)
+    call = random_call("linear_attn", seed=3, batch=3, length=17, key_dim=15, value_dim=65,
+                       normalize=True)  # fmt: skip
+    S, z = call.arrays["initial_state"]
+    if layout == "broadcast":
+        S, z = np.broadcast_to(S[:1], S.shape), np.broadcast_to(z[:1], z.shape)
+    else:
+        S, z = relayout(S, layout), relayout(z, layout)
+    want = type(call)(call.op, {**call.arrays, "initial_state": (S.copy(), z.copy())},
+                      call.kwargs).expected()  # fmt: skip
+    cast = call.cast(dt)
+    got = type(call)(call.op, {**cast.arrays, "initial_state": (S.astype(dt), z.astype(dt))},
+                     call.kwargs).run(fastweights.linear_attn, backend=BACKEND,
+                                      form="recurrent", output_final_state=True)  # fmt: skip
+    assert_close(got[0], want[0], dtype=dt, form="recurrent", name="o")
+    for g, w in zip(got[1], want[1], strict=True):
+        assert_close(g, w, dtype=dt, form="recurrent", name="state")
+
+
 def _gate_args(op: str, g: np.ndarray, K: int, beta: np.ndarray) -> dict[str, np.ndarray]:
     if op in PER_ROW:
         gk = np.repeat(g[..., None], K, axis=-1)
