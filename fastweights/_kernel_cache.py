@@ -78,12 +78,22 @@ def cache_root() -> Path:
 
 def _kernel_sources() -> list[Path]:
     """The files whose code the numba kernels compile: the backend's modules and the core
-    module whose constants they read."""
+    modules they import from (whose constants numba freezes into the kernels)."""
     here = Path(__file__).resolve().parent
     import fastweights.backends as backends
 
     folder = Path(next(iter(backends.__path__))) / "numba"
-    return [*sorted(folder.glob("*.py")), here / "rules" / "_layout.py"]
+    own = sorted(folder.glob("*.py"))
+    core: set[Path] = set()
+    for path in own:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        for name in re.findall(r"^from fastweights\.([\w.]+) import", text, re.MULTILINE):
+            base = here.joinpath(*name.split("."))
+            core.update(p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file())
+    return [*own, *sorted(core)]
 
 
 @lru_cache(maxsize=1)

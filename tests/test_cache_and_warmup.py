@@ -202,8 +202,11 @@ def test_build_folder_is_keyed_by_version_sources_and_mode(monkeypatch: pytest.M
 
 
 def test_sources_digest_covers_every_kernel_module() -> None:
-    names = {p.name for p in kc._kernel_sources()}
+    paths = kc._kernel_sources()
+    names = {p.name for p in paths}
     assert {"_jit.py", "_passes.py", "recurrent.py", "chunk.py", "step.py", "_layout.py"} <= names
+    # The core module whose constant (L2NORM_EPS) numba freezes into the kernels.
+    assert any(p.parts[-2:] == ("rules", "_layout.py") for p in paths)
 
 
 # ---------------------------------------------------------------------------- warmup
