@@ -124,6 +124,8 @@ def _namespace(name: str, x: Any) -> ModuleType:
 def _dims(name: str, x: Any) -> tuple[int, ...]:
     """The shape of ``x`` as Python ints; an unknown (None, NaN) size is a ValueError."""
     shape = tuple(x.shape)
+    if type(x) is np.ndarray or all(type(d) is int for d in shape):  # the fast path
+        return shape
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
         raise ValueError(f"{name} must have a known integer shape, got {shape}")
     return tuple(int(d) for d in shape)
@@ -320,7 +322,8 @@ def _check_state(
         return {f"{name}[0]": S, f"{name}[1]": z}
     if isinstance(state, tuple | list):
         raise TypeError(f"{name} must be an array for {spec.name}, got a {type(state).__name__}")
-    _namespace(name, state)
+    if type(state) is not np.ndarray:
+        _namespace(name, state)
     _check_shape(name, state, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
     return {name: state}
 
@@ -359,7 +362,7 @@ def _overlap(a: Any, b: Any, *, exact: bool = False) -> bool:
     whose step reads every input before it writes the pool (the reference backend).
     ``exact`` (NumPy) tells interleaved but disjoint views apart, at more cost."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        if not np.may_share_memory(a, b):
+        if not _may_share(a, b):
             return False
         return bool(np.shares_memory(a, b)) if exact else True
     if array_api_compat.is_cupy_array(a) and array_api_compat.is_cupy_array(b):
@@ -370,6 +373,9 @@ def _overlap(a: Any, b: Any, *, exact: bool = False) -> bool:
         sa, sb = a.untyped_storage(), b.untyped_storage()
         return bool(sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0)
     return False
+
+
+_may_share = np.may_share_memory
 
 
 def _unaliased(x: Any, pools: tuple[Any, ...]) -> Any:
@@ -513,7 +519,7 @@ def validate_step(
     spec = OPS[op]
     named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
     for name, x in named.items():
-        if x is not None or name in ("q", "k", "v"):
+        if type(x) is not np.ndarray and (x is not None or name in ("q", "k", "v")):
             _namespace(name, x)
             _dims(name, x)
     normalize = _check_flag("normalize", normalize)
@@ -565,8 +571,9 @@ def validate_step(
     for name, x in (
         (("state[0]", state[0]), ("state[1]", state[1])) if pair else (("state", state),)
     ):
-        _namespace(name, x)
-        _dims(name, x)
+        if type(x) is not np.ndarray:
+            _namespace(name, x)
+            _dims(name, x)
     S = state[0] if pair else state
     _check_rank("state[0]" if pair else "state", S, 4, "[P, HV, K, V]")
     P = int(S.shape[0])
@@ -603,7 +610,8 @@ def validate_step(
             _check_gate_sign(name, named[name], xp)
     # An input that is a view of the pool would change under the kernel's writes: read it first.
     pools = tuple(states.values())
-    q, k, v, g, gk, beta = (None if x is None else _unaliased(x, pools) for x in named.values())
+    q, k, v = _unaliased(q, pools), _unaliased(k, pools), _unaliased(v, pools)
+    g, gk, beta = (None if x is None else _unaliased(x, pools) for x in (g, gk, beta))
     # The sequence layout with T == 1: views, no copies.
     q1, k1 = q[:, None, ...], (k if product else k[:, None, ...])
     v1 = v if product else v[:, None, ...]
