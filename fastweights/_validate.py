@@ -380,6 +380,8 @@ _may_share = np.may_share_memory
 
 def _unaliased(x: Any, pools: tuple[Any, ...]) -> Any:
     """``x``, or a copy of it when it may share memory with a pool the step writes."""
+    if len(pools) == 1 and type(x) is np.ndarray and type(pools[0]) is np.ndarray:
+        return x.copy() if _may_share(x, pools[0]) else x  # the fast path
     if not any(_overlap(x, p) for p in pools):
         return x
     if array_api_compat.is_torch_array(x):
