@@ -63,7 +63,8 @@ class Call:
     form: str = "auto"
     chunk_size: int = 64
     dtype: Any
-    """Compute dtype of the namespace: float64 if any float input is, else float32."""
+    """Compute dtype of the namespace: float64 if any floating input is wider than 32 bits
+    (float64 in either byte order, ``longdouble``), else float32."""
     B: int
     T: int
     H: int
