@@ -117,12 +117,15 @@ def _segment_sums(xp: ModuleType, g: Any, resets: Any, *, strict: bool) -> Any:
 
     ``g`` (the finite part) and ``resets`` are ``[..., C, K]`` (``K`` may be 1). The sums are
     taken directly along the rows (the SSD "segsum"), not as differences of cumulative sums; an
-    interval holding a reset of the channel is ``-inf``.
+    interval holding a reset of the channel is ``-inf``. With ``resets=None`` only the raw sums
+    (the caller masks them).
     """
     C = g.shape[-2]
     u_gt_s = _mask(xp, C, g, strict=True)[:, :, None]  # [u, s, 1]
     terms = xp.where(u_gt_s, g[..., :, None, :], _zero(xp, g))  # [..., u, s, K]
     sums = xp.cumulative_sum(terms, axis=-3)  # over u <= r
+    if resets is None:
+        return sums
     crossed = resets[..., :, None, :] - resets[..., None, :, :] > 0
     keep = xp.logical_and(_mask(xp, C, g, strict=strict)[:, :, None], xp.logical_not(crossed))
     return xp.where(keep, sums, _neg_inf(xp, g))
@@ -151,7 +154,8 @@ def decayed_scores(
     if gate is None or gate.finite.shape[-1] == 1:
         M = xp.matmul(X, xp.matrix_transpose(Y))
         if gate is not None:
-            ss = _segment_sums(xp, gate.finite, gate.resets, strict=strict)[..., 0]
+            # Per head, the pairs across a reset are exactly the hidden ones.
+            ss = _segment_sums(xp, gate.finite, None, strict=strict)[..., 0]
             M = M * xp.exp(xp.where(hidden, _zero(xp, ss), ss))
         return xp.where(hidden, _zero(xp, M), M), hidden
     g, resets = gate.finite, gate.resets
@@ -195,7 +199,9 @@ def solve_unit_lower(xp: ModuleType, A: Any, hidden: Any, R: Any) -> Any:
     for b0 in range(0, C, SUB_BLOCK):
         b1 = min(b0 + SUB_BLOCK, C)
         x = R[..., b0:b1, :]
-        if solved is not None:
+        if solved is not None and hidden.ndim == 2:  # no gate: nothing hidden below the block
+            x = x - xp.matmul(A[..., b0:b1, :b0], solved)
+        elif solved is not None:
             x = x - select_matmul(xp, A[..., b0:b1, :b0], hidden[..., b0:b1, :b0], solved)
         Ab, Hb = A[..., b0:b1, b0:b1], hidden[..., b0:b1, b0:b1]
         for j in range(b1 - b0 - 1):
