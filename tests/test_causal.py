@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastweights
@@ -48,6 +48,9 @@ GATE = {
     "kda": "gk",
 }
 GATED = tuple(GATE)
+
+# Many engines x ops: a dozen placements each, whatever the profile asks (CI's asks 40).
+_FEW = settings(max_examples=min(settings.default.max_examples, 12))
 
 
 class Engine(NamedTuple):
@@ -169,6 +172,7 @@ def _skip_unless_offered(engine: Engine, call: Call) -> None:
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("engine", ENGINES)
+@_FEW
 @given(data=st.data())
 def test_non_finite_input_changes_no_earlier_output(
     engine: Engine, op: str, data: st.DataObject
@@ -286,6 +290,7 @@ def _assert_after_reset(
 
 @pytest.mark.parametrize("op", GATED)
 @pytest.mark.parametrize("engine", ENGINES)
+@_FEW
 @given(data=st.data())
 def test_minus_inf_gate_clears_non_finite_state(
     engine: Engine, op: str, data: st.DataObject
