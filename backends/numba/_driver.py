@@ -5,6 +5,7 @@ Imported on a backend's first call, never when fastweights is imported.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,8 @@ def step(call: Call) -> tuple[Any, Any]:
 
     A pool of the compute dtype whose last axis is contiguous is updated by the step kernel
     in place; any other (another dtype, a strided last axis, the ``(S, z)`` pair) goes through
-    a C-ordered copy of its rows and the recurrent kernel, then is written back.
+    a C-ordered copy of its rows and the recurrent kernel, then is written back. Inputs that
+    are views of the pool are read before it is written (as if copied first).
     """
     pools = call.state_pool if call.normalize else (call.state_pool,)
     for p in pools:
@@ -158,6 +160,11 @@ def step(call: Call) -> tuple[Any, Any]:
     idx = call.state_indices
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
     if not call.normalize and pool.dtype == dt and unit_last(pool):
+        if any(np.may_share_memory(x, pool) for x in (a.q, a.k, a.v, a.gate, a.beta)):
+            # Inputs that view the pool are read before the step writes it: as copies.
+            a = replace(
+                a, q=a.q.copy(), k=a.k.copy(), v=a.v.copy(), gate=a.gate.copy(), beta=a.beta.copy()
+            )
         o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
         work = call.N * a.n_sub * call.HV * call.K * a.V
         n = threads_for(work, call.N * call.HV * -(-a.V // VB))

@@ -335,3 +335,26 @@ def test_read_only_single_pool(kind: str) -> None:
     with pytest.raises(ValueError, match="state"):
         run_steps(call, pool, backend=BACKEND)
     np.testing.assert_array_equal(pool, S0)
+
+
+@pytest.mark.parametrize("op", ["linear_attn", "gated_delta_rule", "kda"])
+def test_step_inputs_that_view_the_pool(op: str) -> None:
+    """``q``, ``k``, ``v`` (and gates) viewing pool rows that the step updates are read before
+    it writes, as if copied first (one head's task read another head's updated row)."""
+    rng = np.random.default_rng(1)
+    N, H, K, V = 2, 4, 8, 70
+    pool = rng.standard_normal((N, H, K, V))
+    flip = pool[:, ::-1]
+    args = {"q": flip[:, :, 0, :K], "k": flip[:, :, 1, 10 : 10 + K], "v": flip[:, :, 2, :]}
+    if op == "kda":
+        args["gk"] = -np.abs(flip[:, :, 3, :K])
+        args["beta"] = np.full((N, H), 0.5)
+    elif op == "gated_delta_rule":
+        args["g"] = -np.abs(flip[:, :, 3, 0])
+        args["beta"] = np.full((N, H), 0.5)
+    want_pool = pool.copy()
+    fn = getattr(fastweights.step, op)
+    want, _ = fn(**{n: x.copy() for n, x in args.items()}, state=want_pool, backend="reference")
+    got, _ = fn(**args, state=pool, backend=BACKEND)
+    assert_close(got, want, dtype="float64", form="recurrent", name="o")
+    assert_close(pool, want_pool, dtype="float64", form="recurrent", name="state")
