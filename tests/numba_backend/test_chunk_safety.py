@@ -3,7 +3,7 @@ handling of NaN, Inf and hard resets (API.md, "Tensors and layout").
 
 Every result is compared with the float64 naive loop. These tests also run under
 ``NUMBA_BOUNDSCHECK=1``, the checked raw-pointer build and ``NUMBA_DISABLE_JIT=1`` (kernels as
-Python: smaller parameter sets there).
+Python; the two tests of 1024-row chunks and of compiled allocations skip there).
 """
 
 from __future__ import annotations
