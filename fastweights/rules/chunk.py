@@ -70,6 +70,7 @@ class Gate:
 
 
 def split_gate(xp: ModuleType, g: Any) -> Gate:
+    """The :class:`Gate` of a chunked log-decay ``g``."""
     reset = g == -xp.inf
     finite = xp.where(reset, _zero(xp, g), g)
     resets = xp.cumulative_sum(xp.astype(reset, g.dtype), axis=-2)
