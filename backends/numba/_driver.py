@@ -160,7 +160,8 @@ def step(call: Call) -> tuple[Any, Any]:
     idx = call.state_indices
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
     if not call.normalize and pool.dtype == dt and unit_last(pool):
-        if any(np.may_share_memory(x, pool) for x in (a.q, a.k, a.v, a.gate, a.beta)):
+        inputs = (a.q, a.k, a.v, a.gate, a.beta)
+        if any(x.base is not None and np.may_share_memory(x, pool) for x in inputs):
             # Inputs that view the pool are read before the step writes it: as copies.
             a = replace(
                 a, q=a.q.copy(), k=a.k.copy(), v=a.v.copy(), gate=a.gate.copy(), beta=a.beta.copy()

@@ -108,7 +108,8 @@ def threads_for(work: int, parallel_tasks: int) -> int:
     >>> threads_for(16 * 128 * 128, 32)  # one decoding step of 16 heads
     1
     """
-    return max(1, min(num_threads(), parallel_tasks, work // MIN_WORK_PER_THREAD))
+    most = min(parallel_tasks, work // MIN_WORK_PER_THREAD)
+    return 1 if most <= 1 else max(1, min(num_threads(), most))
 
 
 _serial = threading.Lock()
