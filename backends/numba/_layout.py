@@ -157,20 +157,26 @@ class launch:
                 for op, name in zip(("get", "set", "get", "set"), names, strict=True)
             )
         get_n, set_n, get_c, set_c = launch._api
-        self._guard = _serial if _layer_is_unsafe() else None
+        self._guard = _serial if _unsafe_layer[0] else None
         if self._guard is not None:
             self._guard.acquire()
         self._old = get_n()
-        self._chunk = get_c()
-        set_n(max(1, min(self._threads, self._old)))
-        set_c(1)
+        n = max(1, min(self._threads, self._old))
+        if n != self._old:
+            set_n(n)
+        self._chunk = -1  # one thread: the chunk size does not matter
+        if n > 1:
+            self._chunk = get_c()
+            set_c(1)
 
     def __exit__(self, *exc: object) -> None:
         if DISABLE_JIT:
             return
-        _, set_n, _, set_c = launch._api
-        set_c(self._chunk)
-        set_n(self._old)
+        get_n, set_n, _, set_c = launch._api
+        if self._chunk >= 0:
+            set_c(self._chunk)
+        if get_n() != self._old:
+            set_n(self._old)
         if self._guard is not None:
             self._guard.release()
 
