@@ -13,6 +13,7 @@ import pytest
 MODULES = [
     "fastweights",
     "fastweights._api",
+    "fastweights._kernel_cache",
     "fastweights._registry",
     "fastweights._validate",
     "fastweights.step",
