@@ -434,6 +434,8 @@ def _sweep(
 def _first_non_finite(o: Array, b: int, t0: int, t1: int, hv: int, c0: int, c1: int) -> int:
     """The first token of ``t0 .. t1-1`` with a NaN or Inf in ``o[b, t, hv, c0:c1]``, else
     ``t1``."""
+    if t1 <= t0 or c1 <= c0:
+        return t1  # nothing to read (and no o[0, 0, 0, 0] to take the zero from)
     z = o[0, 0, 0, 0] * 0.0
     for t in range(t0, t1):
         p = row(o, b, t, hv, c0)
@@ -448,6 +450,8 @@ def _first_non_finite(o: Array, b: int, t0: int, t1: int, hv: int, c0: int, c1: 
 @jit(nrt=False, reduce=True)
 def _state_finite(state: Array, n: int, hv: int, c0: int, c1: int) -> bool:
     """Whether ``state[n, hv, :, c0:c1]`` is all finite."""
+    if c1 <= c0 or state.shape[2] == 0:
+        return True
     z = state[0, 0, 0, 0] * 0.0
     acc = z
     for i in range(state.shape[2]):
