@@ -85,6 +85,15 @@ def decay(xp: ModuleType, x: Any, log_f: Any) -> Any:
     return xp.where(cut, _zero(xp, x), x * xp.exp(xp.where(cut, _zero(xp, log_f), log_f)))
 
 
+def _all_finite(xp: ModuleType, Y: Any) -> bool:
+    """Whether every entry of ``Y`` is finite; False when the values cannot be read (traced
+    under ``jax.jit``), which takes the general path."""
+    try:
+        return bool(xp.all(xp.isfinite(Y)))
+    except TypeError:  # jax's TracerBoolConversionError is a TypeError
+        return False
+
+
 def select_matmul(xp: ModuleType, X: Any, zero: Any, Y: Any) -> Any:
     """``X @ Y`` where the entries of ``X`` marked by ``zero`` are no terms at all.
 
@@ -95,6 +104,8 @@ def select_matmul(xp: ModuleType, X: Any, zero: Any, Y: Any) -> Any:
     X = xp.where(zero, _zero(xp, X), X)
     if zero.shape[-1] == 1:
         return xp.where(zero, _zero(xp, X), xp.matmul(X, Y))
+    if _all_finite(xp, Y):
+        return xp.matmul(X, Y)  # the usual case: the zeroed entries meet only finite values
     finite = xp.isfinite(Y)
     clean = xp.matmul(X, xp.where(finite, Y, _zero(xp, Y)))
     terms = xp.astype(xp.logical_not(zero), X.dtype)
