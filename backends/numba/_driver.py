@@ -5,14 +5,12 @@ Imported on a backend's first call, never when fastweights is imported.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from fastweights._validate import Call
 
-from ._jit import guard_cache
 from ._layout import (
     Args,
     as_rows,
@@ -29,8 +27,6 @@ from ._layout import (
 from ._passes import VB
 from .recurrent import recurrent_kernel
 from .step import step_kernel
-
-guard_cache(recurrent_kernel)
 
 NORMALIZE_EPS = 1e-10
 
@@ -147,25 +143,16 @@ def step(call: Call) -> tuple[Any, Any]:
 
     A pool of the compute dtype whose last axis is contiguous is updated by the step kernel
     in place; any other (another dtype, a strided last axis, the ``(S, z)`` pair) goes through
-    a C-ordered copy of its rows and the recurrent kernel, then is written back. Inputs that
-    are views of the pool are read before it is written (as if copied first).
+    a C-ordered copy of its rows and the recurrent kernel, then is written back. Validation has
+    refused read-only pools and copied inputs that view the pool.
     """
     pools = call.state_pool if call.normalize else (call.state_pool,)
-    for p in pools:
-        if not (isinstance(p, np.ndarray) and p.flags.writeable):
-            raise ValueError("state must be a writeable array: the step updates it in place")
     a = kernel_args(call)
     dt = a.v.dtype
     pool = call.state_pool
     idx = call.state_indices
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
     if not call.normalize and pool.dtype == dt and unit_last(pool):
-        inputs = (a.q, a.k, a.v, a.gate, a.beta)
-        if any(x.base is not None and np.may_share_memory(x, pool) for x in inputs):
-            # Inputs that view the pool are read before the step writes it: as copies.
-            a = replace(
-                a, q=a.q.copy(), k=a.k.copy(), v=a.v.copy(), gate=a.gate.copy(), beta=a.beta.copy()
-            )
         o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
         work = call.N * a.n_sub * call.HV * call.K * a.V
         n = threads_for(work, call.N * call.HV * -(-a.V // VB))

@@ -486,17 +486,11 @@ def compiling(dispatcher: Any, sig: Any) -> Iterator[None]:
     )
 
 
-def guard_cache(dispatcher: Any) -> None:
-    """No-op, kept for callers: the cache folder is keyed by a digest of the sources
-    (:func:`fastweights._kernel_cache.kernel_cache_dir`), so no stale kernel is loaded."""
-
-
 __all__ = [
     "CHECKED",
     "DISABLE_JIT",
     "address",
     "compiling",
-    "guard_cache",
     "jit",
     "prefer_512",
     "prefetch",
