@@ -10,10 +10,18 @@ import importlib
 
 import pytest
 
+from fastweights.backends.numba import backend as numba_backend
+
 MODULES = [
     "fastweights",
     "fastweights._api",
-    "fastweights._kernel_cache",
+    pytest.param(
+        "fastweights._kernel_cache",
+        marks=pytest.mark.skipif(
+            numba_backend.unavailable() is not None,
+            reason="its example warms up the numba backend",
+        ),
+    ),
     "fastweights._registry",
     "fastweights._validate",
     "fastweights.step",
