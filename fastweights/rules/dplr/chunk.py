@@ -36,7 +36,9 @@ A ``-inf`` in ``gk`` zeroes only the diagonal path; the rank-1 path across it is
 the inverse ``(I - A_ab)^-1`` does not vanish across a reset (only its upper triangle is "no
 term").
 
-With ``gk`` None (``iplr``) no exponential is taken and nothing needs a reset mask.
+With ``gk`` None (``iplr``) no exponential is taken and nothing needs a reset mask. A ``gk``
+equal across the key channels (a first-wave scalar gate as a DPLR instance) is run as one
+log-decay per head: the scores are then plain products times a ``[C, C]`` decay.
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ def _upper(xp: ModuleType, C: int, like: Any) -> Any:
     return s > r
 
 
+def _per_head(xp: ModuleType, gk: Any) -> Any:
+    """``gk[..., :1]`` when every key channel has the same log-decay (a first-wave scalar gate
+    mapped onto DPLR), so that the scores take :func:`decayed_scores`' per-head path (one
+    product and a ``[C, C]`` decay instead of per-channel sub-blocks); else ``gk``. A NaN gate
+    is never equal to itself, so it keeps the per-channel path; under tracing (jax.jit) the
+    question cannot be answered and ``gk`` is kept."""
+    if gk.shape[-1] == 1:
+        return gk
+    try:
+        same = bool(xp.all(gk == gk[..., :1]))
+    except TypeError:  # jax's TracerBoolConversionError is a TypeError
+        return gk
+    return gk[..., :1] if same else gk
+
+
 def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
     """Run the DPLR rule chunk by chunk; ``(o [N, HV, R, V], final state)`` as
     :func:`~fastweights.rules.dplr.recurrent.recurrent` returns them."""
@@ -89,7 +106,7 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
         gate = None
         qd, ad, kd, bd, total = q, a, k, b, None
     else:
-        gate = split_gate(xp, _to_chunks(xp, p.log_decay, C))
+        gate = split_gate(xp, _to_chunks(xp, _per_head(xp, p.log_decay), C))
         inf = xp.asarray(-xp.inf, dtype=gate.finite.dtype, device=device(gate.finite))
         # log E0 (through r) and log E0p (through r - 1), -inf after a reset of the channel.
         from_start = xp.cumulative_sum(gate.finite, axis=-2)
@@ -99,21 +116,19 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
         rev = xp.flip(xp.cumulative_sum(xp.flip(gate.finite, axis=-2), axis=-2), axis=-2)
         to_end = _shift_up(xp, rev)
         to_end = xp.where(gate.resets[..., -1:, :] - gate.resets > 0, inf, to_end)
-        total = from_start[..., -1, :, None]  # [N, HV, nc, K, 1]
+        total = from_start[..., -1, :, None]  # [N, HV, nc, K or 1, 1]
         qd, ad = decay(xp, q, from_start), decay(xp, a, before)
         kd, bd = decay(xp, k, to_end), decay(xp, b, to_end)
 
-    # Scores. A_ab, A_ak: a_{r'+1} against b_s, k_s with the decay over (s, r'], moved down.
-    A_qk, hidden_q = decayed_scores(xp, q, k, gate, strict=False)
-    A_qb, _ = decayed_scores(xp, q, b, gate, strict=False)
-    if gate is None:
-        A_ab, hidden_a = decayed_scores(xp, a, b, None, strict=True)
-        A_ak, _ = decayed_scores(xp, a, k, None, strict=True)
-    else:
-        M_ab, hidden_m = decayed_scores(xp, a_next, b, gate, strict=False)
-        M_ak, _ = decayed_scores(xp, a_next, k, gate, strict=False)
-        A_ab, A_ak = _shift_down(xp, M_ab, 0.0), _shift_down(xp, M_ak, 0.0)
-        hidden_a = _shift_down(xp, hidden_m, True)
+    # The four score matrices in one call, so that the gate's segment sums are formed once:
+    # A_qk, A_qb, and a_{r'+1} against b_s, k_s with the decay over (s, r'] (r' >= s), moved
+    # down one row to give A_ab, A_ak (s < r, decay over (s, r - 1]).
+    X = xp.stack([q, q, a_next, a_next])
+    Y = xp.stack([k, b, b, k])
+    scores, hidden_q = decayed_scores(xp, X, Y, gate, strict=False)
+    A_qk, A_qb = scores[0, ...], scores[1, ...]
+    A_ab, A_ak = (_shift_down(xp, scores[i, ...], 0.0) for i in (2, 3))
+    hidden_a = _shift_down(xp, hidden_q, True)
 
     # T_W = (I - A_ab)^-1 (A * E0p), T_V = (I - A_ab)^-1 A_ak V.
     AkV = select_matmul(xp, A_ak, hidden_a, v)
