@@ -124,6 +124,10 @@ def _split_state(call: Call, S: np.ndarray) -> Any:
 
 def run(call: Call) -> tuple[Any, Any]:
     """``(o, final_state)`` of a sequence call."""
+    if call.op == "dplr":
+        from .dplr import run as run_dplr
+
+        return run_dplr(call)
     form = auto_form(call) if call.form == "auto" else call.form
     a = kernel_args(call)
     dt = a.v.dtype
@@ -146,6 +150,10 @@ def step(call: Call) -> tuple[Any, Any]:
     a C-ordered copy of its rows and the recurrent kernel, then is written back. Validation has
     refused read-only pools and copied inputs that view the pool.
     """
+    if call.op == "dplr":
+        from .dplr import step as step_dplr
+
+        return step_dplr(call)
     pools = call.state_pool if call.normalize else (call.state_pool,)
     a = kernel_args(call)
     dt = a.v.dtype
