@@ -51,7 +51,7 @@ from ._layout import (
     uniform_tasks,
     unit_last,
 )
-from ._math import exp_f32, exp_f64
+from ._math import UNDERFLOW, UNDERFLOW32, _poly_f32, _poly_f64, _reduce_f32, _reduce_f64
 from ._passes import VB, _prefetch_row
 
 TC = 16
@@ -162,6 +162,52 @@ def _step_pass_reset(
 
 
 @_pass
+def _chunk_steps(
+    Sb: Array,
+    x: int,
+    U: Array,
+    UN: Array,
+    VS: Array,
+    OS: Array,
+    AL: Array,
+    RS: Array,
+    RSF: Array,
+    BP: Array,
+    KP: Array,
+    QP: Array,
+    AP: Array,
+    v: Array,
+    o: Array,
+    bb: int,
+    t: int,
+    hv: int,
+    j0: int,
+    nv: int,
+    rc: int,
+    PFA: Array,
+    pf0: int,
+    per: int,
+) -> None:
+    """Steps ``0 .. rc-1`` of a chunk (tokens ``t ..``) on block ``x`` (columns ``j0 ..
+    j0+nv``): ``v`` in through ``VS`` (zero-padded), ``o`` out through ``OS``. Step ``i``
+    prefetches ``per`` lines of ``PFA`` from ``pf0 + i per``."""
+    n = PFA.shape[0]
+    for i in range(rc):
+        vr = row(v, bb, t + i, hv, j0)
+        for j in range(nv):
+            VS[j] = vr[j]
+        p0 = min(pf0 + i * per, n)
+        p1 = min(p0 + per, n)
+        if RSF[i]:
+            _step_pass_reset(Sb, x, U, UN, VS, OS, i, AL, RS, BP, KP, QP, AP, PFA, p0, p1)
+        else:
+            _step_pass(Sb, x, U, UN, VS, OS, i, AL, BP, KP, QP, AP, PFA, p0, p1)
+        orow = row(o, bb, t + i, hv, j0)
+        for j in range(nv):
+            orow[j] = OS[j]
+
+
+@_pass
 def _read_pass(Sb: Array, x: int, U: Array, AP: Array) -> None:
     """``u = S^T AP[0]`` of block ``x``: the first step's read of an initial state."""
     prefer_512()
@@ -229,15 +275,30 @@ def _prepare(
             BP[i, m] = br[m]
         n_reset = Z[0]
         if has_gate:
+            # exp(gk) as in _math.exp_f32 / exp_f64, fused with the reset flags.
             gr = row(gk, bb, t, hv, 0)
             if AL.itemsize == 4:
-                exp_f32(gr, AL[i], AL[i].view(np.int32), red)
+                bits32 = AL[i].view(np.int32)
+                for m in range(K):
+                    bits32[m], red[m] = _reduce_f32(gr[m])
+                for m in range(K):
+                    g = gr[m]
+                    e = _poly_f32(red[m]) * AL[i, m]
+                    AL[i, m] = np.float32(0.0) if g < np.float32(UNDERFLOW32) else e
+                    r = 1.0 if g == -np.inf else 0.0
+                    RS[i, m] = r
+                    n_reset += r
             else:
-                exp_f64(gr, AL[i], AL[i].view(np.int64), red)
-            for m in range(K):
-                r = 1.0 if gr[m] == -np.inf else 0.0
-                RS[i, m] = r
-                n_reset += r
+                bits64 = AL[i].view(np.int64)
+                for m in range(K):
+                    bits64[m], red[m] = _reduce_f64(np.float64(gr[m]))
+                for m in range(K):
+                    g = gr[m]
+                    e = _poly_f64(red[m]) * AL[i, m]
+                    AL[i, m] = 0.0 if g < UNDERFLOW else e
+                    r = 1.0 if g == -np.inf else 0.0
+                    RS[i, m] = r
+                    n_reset += r
         else:
             for m in range(K):
                 AL[i, m] = 1.0
@@ -253,10 +314,10 @@ def _prepare(
 
 
 @jit(nrt=False)
-def prefetch_capacity(K: int, cols: int, itemsize: int) -> int:
-    """The most lines :func:`_prefetch_lines` lists for ``TC`` steps."""
+def prefetch_capacity(K: int, cols: int, itemsize: int, steps: int) -> int:
+    """The most lines :func:`_prefetch_lines` lists for ``steps`` steps."""
     line = max(1, CACHE_LINE // itemsize)
-    return TC * (5 * -(-K // line) + 2 * -(-cols // line))
+    return steps * (5 * -(-K // line) + 2 * -(-cols // line))
 
 
 @jit(nrt=False)
@@ -347,9 +408,10 @@ def _sweep(
     h = hv // G
     nb = vb1 - vb0
     R = t1 - t0
-    n1 = TC + 1
+    tc = max(1, min(TC, R))  # a decoding step needs one row of per-step vectors
+    n1 = tc + 1
     # Scratch, carved from one allocation.
-    sizes = (nb * K * VB, nb * VB, 3 * VB, 5 * TC * K, n1 * K, K + 3)
+    sizes = (nb * K * VB, nb * VB, 3 * VB, 5 * tc * K, n1 * K, K + 3)
     buf = np.empty(sum(sizes), dt)
     o0 = sizes[0]
     Sb = buf[:o0].reshape((nb, K, VB))
@@ -359,21 +421,21 @@ def _sweep(
     VS = buf[o0 + VB : o0 + 2 * VB]
     OS = buf[o0 + 2 * VB : o0 + 3 * VB]
     o0 += sizes[2]
-    QP = buf[o0 : o0 + TC * K].reshape((TC, K))
-    KP = buf[o0 + TC * K : o0 + 2 * TC * K].reshape((TC, K))
-    BP = buf[o0 + 2 * TC * K : o0 + 3 * TC * K].reshape((TC, K))
-    AL = buf[o0 + 3 * TC * K : o0 + 4 * TC * K].reshape((TC, K))
-    RS = buf[o0 + 4 * TC * K : o0 + 5 * TC * K].reshape((TC, K))
+    QP = buf[o0 : o0 + tc * K].reshape((tc, K))
+    KP = buf[o0 + tc * K : o0 + 2 * tc * K].reshape((tc, K))
+    BP = buf[o0 + 2 * tc * K : o0 + 3 * tc * K].reshape((tc, K))
+    AL = buf[o0 + 3 * tc * K : o0 + 4 * tc * K].reshape((tc, K))
+    RS = buf[o0 + 4 * tc * K : o0 + 5 * tc * K].reshape((tc, K))
     o0 += sizes[3]
     AP = buf[o0 : o0 + n1 * K].reshape((n1, K))
     o0 += sizes[4]
     red = buf[o0 : o0 + K]
     Z = buf[o0 + K : o0 + K + 3]
     Z[0] = 0.0
-    RSF = np.zeros(TC, np.bool_)
+    RSF = np.zeros(tc, np.bool_)
     c0 = vb0 * VB
     c1 = min(vb1 * VB, V)
-    PFA = np.empty(prefetch_capacity(K, c1 - c0, v.itemsize), np.int64)
+    PFA = np.empty(prefetch_capacity(K, c1 - c0, v.itemsize, tc), np.int64)
     for x in range(nb):
         j0 = (vb0 + x) * VB
         nv = min(VB, V - j0)
@@ -394,17 +456,17 @@ def _sweep(
     n = 0
     if R > 0:
         n = _prefetch_lines(
-            q, k, v, a, b, gk, o, bb, h, hv, t0, 0, min(TC, R), c0, c1, has_gate, PFA
+            q, k, v, a, b, gk, o, bb, h, hv, t0, 0, min(tc, R), c0, c1, has_gate, PFA
         )  # fmt: skip
     for p in range(n):
         prefetch_at(PFA[p])
-    for r0 in range(0, R, TC):
-        rc = min(TC, R - r0)
+    for r0 in range(0, R, tc):
+        rc = min(tc, R - r0)
         # The passes of this chunk prefetch the next one's lines, `per` in each pass.
         n = 0
-        if r0 + TC < R:
+        if r0 + tc < R:
             n = _prefetch_lines(
-                q, k, v, a, b, gk, o, bb, h, hv, t0, r0 + TC, min(TC, R - r0 - TC), c0, c1,
+                q, k, v, a, b, gk, o, bb, h, hv, t0, r0 + tc, min(tc, R - r0 - tc), c0, c1,
                 has_gate, PFA,
             )  # fmt: skip
         per = -(-n // (rc * nb))
@@ -417,22 +479,10 @@ def _sweep(
             nv = min(VB, V - j0)
             if r0 == 0 and has_init:
                 _read_pass(Sb, x, U, AP)
-            for i in range(rc):
-                t = t0 + r0 + i
-                p0 = min((x * rc + i) * per, n)
-                p1 = min(p0 + per, n)
-                vr = row(v, bb, t, hv, j0)
-                for j in range(nv):
-                    VS[j] = vr[j]
-                if RSF[i]:
-                    _step_pass_reset(
-                        Sb, x, U, UN, VS, OS, i, AL, RS, BP, KP, QP, AP, PFA, p0, p1
-                    )  # fmt: skip
-                else:
-                    _step_pass(Sb, x, U, UN, VS, OS, i, AL, BP, KP, QP, AP, PFA, p0, p1)
-                orow = row(o, bb, t, hv, j0)
-                for j in range(nv):
-                    orow[j] = OS[j]
+            _chunk_steps(
+                Sb, x, U, UN, VS, OS, AL, RS, RSF, BP, KP, QP, AP, v, o, bb, t0 + r0, hv, j0,
+                nv, rc, PFA[:n], x * rc * per, per,
+            )  # fmt: skip
     if not write_state:
         return
     for x in range(nb):
