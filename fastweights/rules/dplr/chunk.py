@@ -142,8 +142,9 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
     else:
         X = solve_unit_lower(xp, -A_ab, hidden_a, rhs)
     T_W, T_V = X[..., :K], X[..., K:]
-    Qp = qd + select_matmul(xp, A_qb, hidden_q, T_W)
-    P = select_matmul(xp, A_qk, hidden_q, v) + select_matmul(xp, A_qb, hidden_q, T_V)
+    QbX = select_matmul(xp, A_qb, hidden_q, X)  # A_qb [T_W | T_V]
+    Qp = qd + QbX[..., :K]
+    P = select_matmul(xp, A_qk, hidden_q, v) + QbX[..., K:]
 
     # The sequential pass. Every product here is with a state that precedes every row of the
     # chunk, so plain products keep causality; a NaN in the state reaches every later output
