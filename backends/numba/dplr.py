@@ -7,7 +7,8 @@ Per (sequence, value head), with ``alpha_t = exp(gk_t)`` per key row (1 without 
     o_t = S_t^T q~_t                                       q~ = scale * q
 
 A key row whose ``gk`` is ``-inf`` drops its decayed part exactly (selected, not multiplied
-by 0, so a NaN or Inf there does not survive it); ``b_t u_t`` still reads the old row.
+by 0: a NaN or Inf in that row does not reach the decayed part); ``b_t u_t`` still reads the
+old row, as in the float64 definition (``fastweights/rules/dplr/recurrent.py``).
 
 Work is split into tasks (sequence, value head, range of value blocks of ``VB`` columns), run
 in parallel with ``prange`` (see :func:`._layout.tasks`). A task keeps its ``K x VB`` blocks of
@@ -18,7 +19,7 @@ the state in a local buffer, L1-resident, and runs one fused pass per step and b
     u'     += a'_m S[m, :]                            a' = a of the next step: u of the next step
 
 so the read ``u`` of a step is accumulated by the pass of the step before it (the first one by
-the pass that loads the initial state). ``u``, ``u'``, ``v`` and ``o`` stay in registers for the
+a read pass over the initial state, or zero without one). ``u``, ``u'``, ``v`` and ``o`` stay in registers for the
 whole pass (``VB`` is a compile-time constant): 5 vector operations per state element. The
 state is never rescaled: NaN and Inf propagate exactly as in the plain recurrence.
 
