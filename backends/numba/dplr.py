@@ -19,9 +19,10 @@ the state in a local buffer, L1-resident, and runs one fused pass per step and b
     u'     += a'_m S[m, :]                            a' = a of the next step: u of the next step
 
 so the read ``u`` of a step is accumulated by the pass of the step before it (the first one by
-a read pass over the initial state, or zero without one). ``u``, ``u'``, ``v`` and ``o`` stay in registers for the
-whole pass (``VB`` is a compile-time constant): 5 vector operations per state element. The
-state is never rescaled: NaN and Inf propagate exactly as in the plain recurrence.
+a read pass over the initial state, or zero without one). ``u``, ``u'``, ``v`` and ``o`` stay
+in registers for the whole pass (``VB`` is a compile-time constant): 5 vector operations per
+state element. The state is never rescaled: NaN and Inf propagate exactly as in the plain
+recurrence.
 
 Per-step vectors (``q~``, ``k`` l2-normalised if asked, ``a``, ``b``, ``alpha`` and the reset
 flags) are prepared for ``TC`` steps at a time, once for all the task's value blocks.

@@ -198,7 +198,7 @@ def test_packed_sequences_with_an_empty_one(gate: bool, dtype: str) -> None:
     _close(final, want_final, dtype, "state")
     np.testing.assert_array_equal(final[1], init[1])  # the empty sequence keeps its state
     # Without an initial state the empty sequence's final state is zero.
-    o2, final2 = kernels.run(_call(x, G=2, cu_seqlens=cu))
+    _, final2 = kernels.run(_call(x, G=2, cu_seqlens=cu))
     assert not final2[1].any()
     _close(final2, _loop(_call(x, G=2, cu_seqlens=cu))[1], dtype, "state")
 
@@ -265,7 +265,7 @@ def test_read_only_inputs_unchanged() -> None:
     for y in (*x.values(), init):
         y.flags.writeable = False
     call = _call(x, G=2, initial_state=init, l2norm=True)
-    o, final = kernels.run(call)
+    o, _ = kernels.run(call)
     for n, y in x.items():
         np.testing.assert_array_equal(y, copies[n], err_msg=n)
     np.testing.assert_array_equal(init, copies["init"])
@@ -283,7 +283,7 @@ def test_strided_big_endian_and_mixed_inputs() -> None:
     big[..., ::2] = x["a"]
     y["a"] = big[..., ::2]  # a strided last axis
     y["b"] = x["b"].astype(np.float32)  # mixed: computed in float64
-    o, final = kernels.run(_call(y, dtype=np.float64))
+    o, _ = kernels.run(_call(y, dtype=np.float64))
     _close(o, _loop(_call(y, dtype=np.float64))[0], "float64", "o")
     assert np.max(np.abs(o - want[0])) < 1e-5  # b rounded to float32
 
@@ -389,8 +389,8 @@ def test_api_against_reference(api: Any, gate: bool, dtype: str) -> None:
         "use_qk_l2norm": True,
     }
     args = (x["q"], x["k"], x["v"], x["a"], x["b"], x["gk"])
-    want = api.dplr(*(np.asarray(y, np.float64) if y is not None else None for y in args),
-                    **{**kw, "initial_state": init.astype(np.float64)}, backend="reference")  # fmt: skip
+    wide = [None if y is None else np.asarray(y, np.float64) for y in args]
+    want = api.dplr(*wide, **{**kw, "initial_state": init.astype(np.float64)}, backend="reference")
     got = api.dplr(*args, **kw, backend="numba")
     _close(got[0], want[0], dtype, "o")
     _close(got[1], want[1], dtype, "state")
