@@ -81,10 +81,11 @@ def inputs(op: str, B: int, T: int, H: int, K: int, V: int, seed: int = 0) -> di
         # a = -c, b = beta d with unit c, d and c . d ~ 0.9 (a contracting rank-1 term).
         c = rng.standard_normal((B, T, H, K), dtype=f32)
         c /= np.linalg.norm(c, axis=-1, keepdims=True)
-        d = c + 0.45 * rng.standard_normal((B, T, H, K), dtype=f32) / np.sqrt(K)
+        d = c + (0.45 / K**0.5) * rng.standard_normal((B, T, H, K), dtype=f32)
         d /= np.linalg.norm(d, axis=-1, keepdims=True)
         args["a"] = -c
         args["b"] = rng.uniform(0.2, 0.9, (B, T, H, 1)).astype(f32) * d
+        assert all(x.dtype == f32 for x in args.values())
         args["gk"] = -0.1 * rng.random((B, T, H, K), dtype=f32)
     return args
 
