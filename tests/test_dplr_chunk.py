@@ -154,6 +154,24 @@ def test_padding_and_shapes() -> None:
         chunk(p, 0)
 
 
+def test_scores_in_groups_of_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PAIR_BUDGET the per-channel scores go a chunk at a time: the same results, and a
+    NaN still reaches no earlier output."""
+    from fastweights.rules.dplr import chunk as module
+
+    monkeypatch.setattr(module, "PAIR_BUDGET", 1)
+    for gate in ("mild", "reset"):
+        p = make(100, gate)
+        ref = recurrent(p)
+        for C in (1, 16, 17):
+            assert err(chunk(p, C), ref) <= 1e-12, (gate, C)
+    clean = chunk(p, 17)[0]
+    p.v[0, 1, 40, 2] = np.nan
+    o = chunk(p, 17)[0]
+    np.testing.assert_array_equal(o[:, :, :40], clean[:, :, :40])
+    assert np.array_equal(np.isfinite(o), np.isfinite(recurrent(p)[0]))
+
+
 class _NoExp:
     """NumPy's namespace without exponentials."""
 

@@ -48,7 +48,16 @@ from typing import Any
 
 from array_api_compat import device
 
-from ..chunk import _to_chunks, decay, decayed_scores, select_matmul, solve_unit_lower, split_gate
+from ..chunk import (
+    SUB_BLOCK,
+    Gate,
+    _to_chunks,
+    decay,
+    decayed_scores,
+    select_matmul,
+    solve_unit_lower,
+    split_gate,
+)
 from ._layout import Problem
 
 
@@ -84,6 +93,35 @@ def _per_head(xp: ModuleType, gk: Any) -> Any:
     except TypeError:  # jax's TracerBoolConversionError is a TypeError
         return gk
     return gk[..., :1] if same else gk
+
+
+PAIR_BUDGET = 1 << 22
+"""Most entries of one ``[P, N, HV, chunks, 16, 16, K]`` product that :func:`decayed_scores`
+forms for a per-channel gate (its peak memory is a few such temporaries); beyond it the chunks
+are scored in groups."""
+
+
+def _scores(xp: ModuleType, X: Any, Y: Any, gate: Gate | None) -> tuple[Any, Any]:
+    """:func:`decayed_scores` (non-strict) of the stacked ``X, Y: [P, N, HV, nc, C, K]`` with
+    one gate. A per-channel gate forms ``[P, N, HV, nc, 16, 16, K]`` products on the diagonal
+    sub-blocks: beyond :data:`PAIR_BUDGET` entries the chunks go in groups, each still all at
+    once, so the peak stays bounded while the gate's segment sums serve all ``P`` pairs."""
+    P, N, HV, nc, C, K = X.shape
+    L = min(C, SUB_BLOCK)
+    per_chunk = P * N * HV * L * L * K
+    group = max(1, PAIR_BUDGET // max(per_chunk, 1))
+    if gate is None or gate.finite.shape[-1] == 1 or group >= nc:
+        return decayed_scores(xp, X, Y, gate, strict=False)
+    scores, hidden = [], []
+    for c0 in range(0, nc, group):
+        c1 = min(c0 + group, nc)
+        part = Gate(*(x[:, :, c0:c1, ...] for x in (gate.finite, gate.resets, gate.full)))
+        M, H = decayed_scores(
+            xp, X[:, :, :, c0:c1, ...], Y[:, :, :, c0:c1, ...], part, strict=False
+        )
+        scores.append(M)
+        hidden.append(H)
+    return xp.concat(scores, axis=3), xp.concat(hidden, axis=2)
 
 
 def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
@@ -125,7 +163,7 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, Any]:
     # down one row to give A_ab, A_ak (s < r, decay over (s, r - 1]).
     X = xp.stack([q, q, a_next, a_next])
     Y = xp.stack([k, b, b, k])
-    scores, hidden_q = decayed_scores(xp, X, Y, gate, strict=False)
+    scores, hidden_q = _scores(xp, X, Y, gate)
     A_qk, A_qb = scores[0, ...], scores[1, ...]
     A_ab, A_ak = (_shift_down(xp, scores[i, ...], 0.0) for i in (2, 3))
     hidden_a = _shift_down(xp, hidden_q, True)
