@@ -1,11 +1,50 @@
-"""Backends of fastweights: the built-in plugins and the registry's public face.
+"""Backends of fastweights: the built-in plugins, the registry, and the toolkit a backend uses.
 
 This folder is installed as ``fastweights.backends``. Each built-in backend is a subpackage or
 module here, registered through the ``fastweights.backends`` entry-point group exactly like a
-third-party plugin.
+third-party plugin, and imports only what this module exports:
+
+- the protocol and registry: :class:`Backend`, :class:`BackendInfo`, :func:`get_backend`,
+  :func:`list_backends`;
+- the call a backend receives (:class:`Call`, validated: shapes, dtypes, sizes, host copies of
+  ``cu_seqlens`` and ``state_indices``) and the rule descriptions (:data:`RULES`, :data:`OPS`,
+  :class:`Rule`, :class:`Arg`): a backend declares, op by op, the forms it runs
+  (``Backend.ops``) and is never handed an op or a form it did not declare; an instance rule
+  (``retention``, ``iplr``, ``rwkv7``) arrives as its parent;
+- the rules' constants (:data:`L2NORM_EPS`, :data:`NORMALIZE_EPS`, :data:`SUB_BLOCK`), and
+  :func:`cuda_defines` to pass them to CUDA sources;
+- helpers: :func:`gather_rows` / :func:`write_rows` (decoding pools of any namespace) and
+  :func:`to_host_ints` (integer array-likes of any namespace on the host).
+
+Examples
+--------
+>>> from fastweights.backends import OPS, get_backend
+>>> get_backend("numba").ops["dplr"]
+('recurrent',)
 """
 
+from fastweights._constants import L2NORM_EPS, NORMALIZE_EPS, SUB_BLOCK, cuda_defines
+from fastweights._ops import FORMS, OPS, RULES, Arg, Rule
+from fastweights._pool import gather_rows, write_rows
 from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
-from fastweights._validate import Call
+from fastweights._validate import Call, to_host_ints
 
-__all__ = ["Backend", "BackendInfo", "Call", "get_backend", "list_backends"]
+__all__ = [
+    "FORMS",
+    "L2NORM_EPS",
+    "NORMALIZE_EPS",
+    "OPS",
+    "RULES",
+    "SUB_BLOCK",
+    "Arg",
+    "Backend",
+    "BackendInfo",
+    "Call",
+    "Rule",
+    "cuda_defines",
+    "gather_rows",
+    "get_backend",
+    "list_backends",
+    "to_host_ints",
+    "write_rows",
+]

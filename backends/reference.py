@@ -2,22 +2,24 @@
 
 It accepts every namespace, dtype, op and form, and has the lowest priority: the automatic
 choice takes it only when no faster backend accepts a call. It is the float64 oracle the
-other backends are tested against.
+other backends are tested against. Each call goes to its rule's family package, which
+prepares the problem and runs the form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
-from fastweights import rules
-from fastweights._ops import OPS
+from fastweights._ops import FAMILIES, OPS
+from fastweights._pool import gather_rows, write_rows
 from fastweights._validate import Call
 
 
 class ReferenceBackend:
     name = "reference"
     priority = 0
-    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: spec.forms for op, spec in OPS.items()}
+    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: rule.forms for op, rule in OPS.items()}
     step_ops = tuple(OPS)
 
     def unavailable(self) -> str | None:
@@ -26,11 +28,45 @@ class ReferenceBackend:
     def rejects(self, call: Call) -> str | None:
         return None
 
+    def plan(self, call: Call) -> dict[str, Any]:
+        """The form and chunk size this backend runs ``call`` with, and why."""
+        if call.is_step:
+            return {"form": "recurrent", "why": "one token is one recurrent step"}
+        family = FAMILIES[call.spec.family]
+        if call.form != "auto":
+            form, why = call.form, "asked for"
+        else:
+            form = family.auto_form(call)
+            why = (family.auto_form.__doc__ or "").strip().splitlines()[0]
+        plan: dict[str, Any] = {"form": form, "why": why}
+        if form == "chunk":
+            plan["chunk_size"] = call.chunk_size
+        return plan
+
     def run(self, call: Call) -> tuple[Any, Any]:
-        return rules.run(call)
+        family = FAMILIES[call.spec.family]
+        form = family.auto_form(call) if call.form == "auto" else call.form
+        return family.run(call, form)
 
     def step(self, call: Call) -> tuple[Any, Any]:
-        return rules.step(call)
+        """One decoding step: gather the pool rows, run one recurrent step, write them back."""
+        xp, idx = call.xp, call.state_indices
+        pools = call.state_pool if call.normalize else (call.state_pool,)
+        current = tuple(gather_rows(xp, pool, idx) for pool in pools)
+        sequence = dataclasses.replace(
+            call,
+            initial_state=current if call.normalize else current[0],
+            state_pool=None,
+            state_indices=None,
+            output_final_state=True,
+            form="recurrent",
+        )
+        o, final = self.run(sequence)
+        finals = final if call.normalize else (final,)
+        written = tuple(
+            write_rows(xp, pool, idx, new) for pool, new in zip(pools, finals, strict=True)
+        )
+        return o[:, 0, ...], (written if call.normalize else written[0])
 
 
 backend = ReferenceBackend()

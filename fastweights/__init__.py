@@ -1,8 +1,9 @@
 """fastweights: fast weight programmers for every Array API library.
 
-Linear attention, DeltaNet, Gated DeltaNet, GLA, KDA, DeltaProduct (and RetNet, Mamba2/SSD
-through :func:`simple_gla`) as closed-form inference ops on NumPy, CuPy, torch, JAX or any
-Array API namespace, with pluggable backends (see :mod:`fastweights.backends`).
+Linear attention, DeltaNet, Gated DeltaNet, GLA, KDA, DeltaProduct, the DPLR family (DPLR,
+IPLR, RWKV-7), and RetNet and Mamba2/SSD through :func:`simple_gla`, as closed-form
+inference ops on NumPy, CuPy, torch, JAX or any Array API namespace, with pluggable backends
+(see :mod:`fastweights.backends`).
 
 Examples
 --------
@@ -21,6 +22,7 @@ import importlib as _importlib
 import importlib.util as _importlib_util
 import pathlib as _pathlib
 import sys as _sys
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 
 def _alias_source_backends() -> None:
@@ -47,18 +49,19 @@ from . import step  # noqa: E402
 
 # Imported by name: type checkers see `backends/` as its own top-level package.
 backends = _importlib.import_module(f"{__name__}.backends")
-from ._api import (  # noqa: E402
-    delta_product,
-    delta_rule,
-    gated_delta_rule,
-    gla,
-    kda,
-    linear_attn,
-    retention,
-    simple_gla,
-)
+from ._api import *  # noqa: E402, F403 -- one function per rule, generated
+from ._api import __all__ as _op_names  # noqa: E402
 from ._kernel_cache import warmup  # noqa: E402
+from ._plan import plan  # noqa: E402
 from ._registry import use_backend  # noqa: E402
+
+if _TYPE_CHECKING:  # the ops are generated from their rules' descriptions (see _public)
+    from collections.abc import Callable as _Callable
+    from typing import Any as _Any
+
+    def __getattr__(name: str) -> _Callable[..., tuple[_Any, _Any]]:
+        raise AttributeError(name)
+
 
 try:
     from importlib.metadata import version as _version
@@ -67,17 +70,4 @@ try:
 except Exception:  # a bare source tree
     __version__ = "0+unknown"
 
-__all__ = [
-    "backends",
-    "delta_product",
-    "delta_rule",
-    "gated_delta_rule",
-    "gla",
-    "kda",
-    "linear_attn",
-    "retention",
-    "simple_gla",
-    "step",
-    "use_backend",
-    "warmup",
-]
+__all__ = ["backends", *_op_names, "plan", "step", "use_backend", "warmup"]

@@ -193,7 +193,84 @@ def build_parser() -> argparse.ArgumentParser:
         help="recurrent, chunk, parallel, step (default the backend's forms and step)",
     )
     warm.add_argument("--backend", default="numba", help="backend (default numba)")
+    plan = sub.add_parser(
+        "plan",
+        help="which backend, form, chunk size and threads a call would run with, and why",
+        description=(
+            "Describe, without computing it, how a call of OP on NumPy arrays of the given "
+            "sizes would run: the plan fastweights.plan returns and form='auto' follows."
+        ),
+    )
+    plan.add_argument("op", help="the op, e.g. gla, rwkv7 (see `python -m fastweights info`)")
+    plan.add_argument(
+        "--size", type=_plan_size, default=(1, 2048, 4, 128, 128), metavar="B,T,H,K[,V]",
+        help="batch, tokens, heads, key size and value size (default 1,2048,4,128,128)",
+    )  # fmt: skip
+    plan.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    plan.add_argument("--form", default="auto", help="auto (default), recurrent, chunk, parallel")
+    plan.add_argument("--chunk-size", type=int, default=64, help="chunk_size (default 64)")
+    plan.add_argument("--backend", help="a backend name (default: the automatic choice)")
+    plan.add_argument("--step", action="store_true", help="one decoding step of B sequences")
     return parser
+
+
+def _plan_size(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,T,H,K[,V], got {text!r}") from None
+    if len(sizes) not in (4, 5) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected 4 or 5 positive sizes, got {text!r}")
+    return sizes if len(sizes) == 5 else (*sizes, sizes[3])
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import fastweights
+    import fastweights.step
+    from fastweights.testing import random_call
+
+    if args.op not in fastweights.backends.RULES:
+        known = ", ".join(sorted(fastweights.backends.RULES))
+        print(f"plan: unknown op {args.op!r}; known ops: {known}", file=sys.stderr)
+        return 2
+    B, T, H, K, V = args.size
+    call = random_call(
+        args.op, batch=B, length=1 if args.step else T, heads=H, key_dim=K, value_dim=V
+    ).cast(np.dtype(args.dtype))
+    positional, keywords = call.arguments()
+    try:
+        if args.step:
+            n = call.kwargs.get("num_householder", 1)
+            rows = {"k", "v", "beta"} if n > 1 else set()
+            names = fastweights.testing.ARG_ORDER[args.op]
+            token = [
+                x if name in rows else x[:, 0] for name, x in zip(names, positional, strict=True)
+            ]
+            pool = np.zeros((B, H, K, V), dtype=args.dtype)
+            keywords = {k: v for k, v in keywords.items() if k in ("scale", "use_qk_l2norm")}
+            p = fastweights.plan(
+                getattr(fastweights.step, args.op), *token, pool, **keywords, backend=args.backend
+            )
+        else:
+            keywords.pop("initial_state", None)
+            p = fastweights.plan(
+                getattr(fastweights, args.op), *positional, **keywords, form=args.form,
+                chunk_size=args.chunk_size, backend=args.backend,
+            )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        print(f"plan: {exc}", file=sys.stderr)
+        return 2
+    what = "one step of" if args.step else "a call of"
+    print(f"{what} {args.op} (runs as {p.op}), B={B} T={T} H={H} K={K} V={V} {args.dtype}")
+    print(f"  backend  {p.backend}")
+    for name, why in p.passed_over.items():
+        print(f"           not {name}: {why}")
+    print(f"  form     {p.form}: {p.why}")
+    for name, value in p.params.items():
+        print(f"  {name:<8} {value}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +307,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             return 2
         print(f"{len(done)} calls, {sum(w.seconds for w in done):.1f} s")
         return 0
+    if args.command == "plan":
+        return _run_plan(args)
     if args.command == "info":
         from fastweights._cli_info import run_info
 

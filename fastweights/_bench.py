@@ -17,20 +17,13 @@ from typing import Any
 import numpy as np
 
 from . import _api
+from ._ops import RULES
 from .backends import list_backends
+from .rules._rule import Arg, dims_of
 
-OPS = (
-    "linear_attn",
-    "simple_gla",
-    "retention",
-    "gla",
-    "delta_rule",
-    "gated_delta_rule",
-    "kda",
-    "delta_product",
-)
+OPS = tuple(RULES)
+"""Every op, from the rule descriptions."""
 NUM_HOUSEHOLDER = 2
-_BACKEND_OP = {"retention": "simple_gla"}  # retention runs simple_gla in every backend
 
 
 def backend_namespace(backend: str, op: str, form: str | None = None, *, step: bool = False) -> Any:
@@ -39,7 +32,7 @@ def backend_namespace(backend: str, op: str, form: str | None = None, *, step: b
     if info is None or not info.available:
         reason = "not registered" if info is None else info.reason
         raise NotImplementedError(f"backend {backend} is not available: {reason}")
-    inner = _BACKEND_OP.get(op, op)
+    inner = RULES[op].parent or op
     if inner not in (info.step_ops if step else info.ops):
         raise NotImplementedError(f"{backend} does not {'decode' if step else 'implement'} {op}")
     if form not in (None, "auto") and form not in info.ops[inner]:
@@ -68,43 +61,69 @@ def best_time(fn: Callable[[], Any], xp: Any = np, repeat: int = 3) -> float:
     return best
 
 
+def _rows_per_token(op: str) -> int:
+    return NUM_HOUSEHOLDER if "num_householder" in RULES[op].option_names else 1
+
+
 def flops_per_token(op: str, H: int, K: int, V: int) -> int:
-    """FLOPs of the recurrent pass per token: ``6 K V`` per head and delta step."""
-    steps = NUM_HOUSEHOLDER if op == "delta_product" else 1
-    return 6 * K * V * H * steps
+    """FLOPs of the recurrent pass per token: the rule's FLOPs per state element (``6``, or
+    ``8`` for DPLR) times ``K V`` per head and step."""
+    return RULES[op].flops * K * V * H * _rows_per_token(op)
+
+
+def _sample(rng: np.random.Generator, arg: Arg, shape: tuple[int, ...]) -> np.ndarray:
+    f32 = np.float32
+    if arg.log_decay:
+        return -rng.uniform(0.01, 0.1, shape).astype(f32)
+    if arg.sample == "rate":
+        return rng.uniform(0.0, 1.0, shape).astype(f32)
+    x = rng.standard_normal(shape, dtype=f32)
+    if arg.sample in ("unit", "removal"):
+        x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    if arg.sample == "removal":
+        x *= -rng.uniform(0.0, 1.0, (*shape[:-1], 1)).astype(f32)
+    return x
 
 
 def make_inputs(
     op: str, B: int, T: int, H: int, K: int, V: int, xp: Any = np, seed: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Arguments of one float32 call of ``op``: unit-norm keys, gates in [-0.1, -0.01]."""
+    """Arguments of one float32 call of ``op``, drawn as its description says (unit-norm keys,
+    gates in [-0.1, -0.01], rates in (0, 1)); ``HV = H``."""
+    rule = RULES[op]
     rng = np.random.default_rng(seed)
-    f32 = np.float32
-    rows = T * NUM_HOUSEHOLDER if op == "delta_product" else T
-    k = rng.standard_normal((B, rows, H, K), dtype=f32)
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    q = rng.standard_normal((B, T, H, K), dtype=f32)
-    v = rng.standard_normal((B, rows, H, V), dtype=f32)
-    g = -rng.uniform(0.01, 0.1, (B, T, H)).astype(f32)
-    gk = -rng.uniform(0.01, 0.1, (B, T, H, K)).astype(f32)
-    beta = rng.uniform(0.0, 1.0, (B, rows, H)).astype(f32)
-    kwargs: dict[str, Any] = {}
-    args: tuple[Any, ...] = {
-        "linear_attn": (q, k, v),
-        "retention": (q, k, v),
-        "simple_gla": (q, k, v, g),
-        "gla": (q, k, v, gk),
-        "delta_rule": (q, k, v, beta),
-        "gated_delta_rule": (q, k, v, g, beta),
-        "kda": (q, k, v, gk, beta),
-        "delta_product": (q, k, v, beta),
-    }[op]
-    if op == "delta_product":
-        kwargs = {"g": g, "num_householder": NUM_HOUSEHOLDER}
+    n = _rows_per_token(op)
+    sizes = {"B": B, "T": T, "R": T * n, "H": H, "HV": H, "K": K, "V": V}
+    arrays = {
+        a.name: _sample(rng, a, tuple(sizes[d] for d in dims_of(a.shape))) for a in rule.arrays
+    }
+    args = tuple(arrays[name] for name in rule.positional)
+    kwargs: dict[str, Any] = {a.name: arrays[a.name] for a in rule.args if a.keyword_only}
+    if n > 1:
+        kwargs["num_householder"] = n
     if xp is not np:
         args = tuple(xp.asarray(a) for a in args)
         kwargs = {n: xp.asarray(a) if isinstance(a, np.ndarray) else a for n, a in kwargs.items()}
     return args, kwargs
+
+
+def step_inputs(
+    op: str, N: int, H: int, K: int, V: int, xp: Any = np, seed: int = 0
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments of one decoding step of ``op`` for ``N`` sequences (no pool), as
+    :func:`make_inputs` draws them, in the one-token layout of the rule's description."""
+    rule = RULES[op]
+    args, kwargs = make_inputs(op, N, 1, H, K, V, xp, seed)
+    kwargs.pop("num_householder", None)
+    product = _rows_per_token(op) > 1
+    templates = {a.name: dims_of(a.shape) for a in rule.arrays}
+
+    def token(name: str, x: Any) -> Any:
+        dims = templates[name]
+        return x if "R" in dims and product else x[:, 0]
+
+    args = tuple(token(n, x) for n, x in zip(rule.positional, args, strict=True))
+    return args, {n: token(n, x) for n, x in kwargs.items()}
 
 
 def run_op(op: str, args: Sequence[Any], kwargs: dict[str, Any], **options: Any) -> Any:

@@ -281,39 +281,21 @@ def _tiny_call(op: str, dtype: str, form: str, backend: str) -> None:
     import numpy as np
 
     import fastweights as fw
-    from fastweights._ops import OPS
+    from fastweights._bench import make_inputs, step_inputs
 
-    spec = OPS[op]
     dt = np.dtype(dtype)
-    T, K, V = 3, 8, 8
-    lead = (1,) if form == "step" else (1, T)
-    rng = np.random.default_rng(0)
-    q, k = (rng.standard_normal((*lead, 1, K)).astype(dt) for _ in range(2))
-    v = rng.standard_normal((*lead, 1, V)).astype(dt)
-    args: list[Any] = [q, k, v]
-    kwargs: dict[str, Any] = {"backend": backend}
-    gate = None
-    if spec.gate == "gk":
-        gate = np.full((*lead, 1, K), -0.1, dt)
-    elif spec.gate == "g":
-        gate = np.full((*lead, 1), -0.1, dt)
-    beta = np.full((*lead, 1), 0.5, dt) if spec.has_beta else None
-    if op == "delta_product":
-        kwargs["g"] = gate
-        if form == "step":  # k, v, beta with the token's n = 1 steps
-            args[1:] = [k[:, None], v[:, None]]
-            beta = beta[:, None] if beta is not None else None
-    elif gate is not None:
-        args.append(gate)
-    if beta is not None:
-        args.append(beta)
+    K = V = 8
     if form == "step":
+        args, kwargs = step_inputs(op, 1, 1, K, V)
         pool = np.zeros((1, 1, K, V), dt if dt.itemsize >= 4 else np.float32)
-        getattr(fw.step, op)(*args, pool, **kwargs)
+        cast = tuple(x.astype(dt) for x in args)
+        getattr(fw.step, op)(*cast, pool, **{n: x.astype(dt) for n, x in kwargs.items()},
+                             backend=backend)  # fmt: skip
         return
-    if op == "delta_product":
-        kwargs["num_householder"] = 1
-    getattr(fw, op)(*args, form=form, output_final_state=True, **kwargs)
+    args, kwargs = make_inputs(op, 1, 3, 1, K, V)
+    kwargs = {n: x.astype(dt) if isinstance(x, np.ndarray) else x for n, x in kwargs.items()}
+    getattr(fw, op)(*(x.astype(dt) for x in args), **kwargs, form=form, output_final_state=True,
+                    backend=backend)  # fmt: skip
 
 
 class _Bar:

@@ -1,72 +1,39 @@
-"""The first-wave ops as instances of one general update rule.
+"""The registry of rules: every op's description (:class:`fastweights.rules.Rule`), by name.
 
-Every op is the gated delta rule of SPEC.md with some parts switched off::
-
-    S' = Diag(alpha_t) S_{t-1}                        # decay (none, per head or per key channel)
-    S_t = S' + k_t (beta_t * (v_t - erase * S'^T k_t))^T
-    o_t = S_t^T (scale q_t)
-
-``erase = 0, beta = 1`` gives the Hebbian family (``linear_attn``, ``simple_gla``, ``gla``),
-``erase = 1`` the delta family. This table is what validation, the registry and every backend
-read to know an op's arguments and forms.
+A rule family (a package under :mod:`fastweights.rules`) lists its rules in ``RULES``;
+registering a family here is one line. Validation, the public functions, the backends' tables,
+:mod:`fastweights.testing` and the benchmarks read these descriptions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-FORMS = ("recurrent", "chunk", "parallel")
-"""Every form an op can have; ``"auto"`` lets the backend choose among them."""
+from .rules import delta, dplr
+from .rules._rule import FORMS, Arg, Rule
 
+if TYPE_CHECKING:
+    from ._validate import Call
 
-@dataclass(frozen=True)
-class OpSpec:
-    """What distinguishes one op from the general rule."""
+FAMILIES: dict[str, ModuleType] = {"delta": delta, "dplr": dplr}
+"""Family name -> its package: descriptions, problem preparation and forms."""
 
-    name: str
-    gate: str | None
-    """Name of the log-decay argument: ``"g"`` (per head), ``"gk"`` (per key channel) or None."""
-    gate_optional: bool
-    """The gate may be None (DeltaProduct's ``g``)."""
-    erase: bool
-    """Delta family: the write corrects the state's prediction ``S'^T k``."""
-    forms: tuple[str, ...]
-    """Forms the op has at all (for any call)."""
+RULES: dict[str, Rule] = {rule.name: rule for family in FAMILIES.values() for rule in family.RULES}
+"""Every public op."""
 
-    @property
-    def has_beta(self) -> bool:
-        return self.erase
+OPS: dict[str, Rule] = {name: rule for name, rule in RULES.items() if rule.parent is None}
+"""The ops a backend implements; an instance rule reaches backends as its parent."""
+
+ARG_NAMES = frozenset(arg.name for rule in RULES.values() for arg in rule.args)
+"""Every array argument name after ``q, k, v`` of any rule."""
 
 
-OPS: dict[str, OpSpec] = {
-    spec.name: spec
-    for spec in (
-        OpSpec("linear_attn", None, False, False, FORMS),
-        OpSpec("simple_gla", "g", False, False, FORMS),
-        OpSpec("gla", "gk", False, False, ("recurrent", "chunk")),
-        OpSpec("delta_rule", None, False, True, FORMS),
-        OpSpec("gated_delta_rule", "g", False, True, FORMS),
-        OpSpec("kda", "gk", False, True, ("recurrent", "chunk")),
-        OpSpec("delta_product", "g", True, True, ("recurrent", "chunk")),
-    )
-}
-"""The ops a backend implements. ``retention`` is ``simple_gla`` with a fixed gate."""
-
-_NO_PARALLEL = {
-    "gla": "a per-key-channel decay has no attention-like parallel form",
-    "kda": "a per-key-channel decay has no attention-like parallel form",
-    "delta_product": "its several delta steps per token have no parallel form",
-}
+def form_unavailable(call: Call, form: str) -> str | None:
+    """Why ``call`` has no ``form`` (the rule never has it, or not for such a call), or None."""
+    if form not in call.spec.forms:
+        return call.spec.no_form.get(form, f"{call.op} has no {form} form")
+    return FAMILIES[call.spec.family].form_unavailable(call, form)
 
 
-def form_unavailable(op: str, form: str, *, packed: bool, beta_per_value: bool) -> str | None:
-    """Why ``op`` has no ``form`` for such a call, or None when it has it."""
-    if form == "recurrent":
-        return None
-    if form == "parallel" and op in _NO_PARALLEL:
-        return _NO_PARALLEL[op]
-    if beta_per_value:
-        return "a per-value beta has no WY (UT-transform) representation; use form='recurrent'"
-    if form == "parallel" and packed:
-        return "packed sequences (cu_seqlens) need form='chunk' or 'recurrent'"
-    return None
+__all__ = ["ARG_NAMES", "FAMILIES", "FORMS", "OPS", "RULES", "Arg", "Rule", "form_unavailable"]

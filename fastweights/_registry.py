@@ -33,8 +33,12 @@ class Backend(Protocol):
     ``step_ops`` lists the ops it decodes. ``unavailable()`` and ``rejects(call)`` return a
     reason (str) or None; both must be cheap and must not import heavy modules before needed.
     ``run(call)`` returns ``(o, final_state)``; ``step(call)`` updates ``call.state_pool``
-    (in place where the namespace allows) and returns ``(o, state)``. See the plugin guide
-    of the documentation for a complete example.
+    (in place where the namespace allows) and returns ``(o, state)``. A backend is never
+    handed an op, a decoding op or a form it did not declare; an instance rule (``retention``,
+    ``iplr``, ``rwkv7``) arrives as its parent. Optionally, ``plan(call)`` returns a dict with
+    the ``form`` it would run, ``why``, and its parameters (``chunk_size``, ``threads``), for
+    :func:`fastweights.plan`. See the plugin guide of the documentation for a complete
+    example.
 
     Examples
     --------
@@ -231,8 +235,8 @@ def _can_run(b: Backend, call: Call) -> str | None:
     return b.rejects(call)
 
 
-def select(call: Call, requested: str | None) -> Backend:
-    """The backend that runs ``call``: explicit choices raise, preferences fall back."""
+def _choose(call: Call, requested: str | None) -> tuple[Backend, dict[str, str]]:
+    """The backend for ``call`` and, for those of higher rank it passed over, why."""
     explicit = requested if requested is not None else _current.get()
     if explicit is not None:
         if not isinstance(explicit, str):
@@ -241,7 +245,7 @@ def select(call: Call, requested: str | None) -> Backend:
         reason = _can_run(b, call)
         if reason:
             raise TypeError(f"backend {explicit!r} cannot run this {call.op} call: {reason}")
-        return b
+        return b, {}
     backends = _load()
     order = sorted(backends.values(), key=lambda b: -b.priority)
     preferred = os.environ.get(ENV_VAR)
@@ -253,9 +257,58 @@ def select(call: Call, requested: str | None) -> Backend:
             warnings.warn(
                 f"{ENV_VAR}={preferred!r} names no registered backend; ignoring it",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
+    passed: dict[str, str] = {}
     for b in order:
-        if _can_run(b, call) is None:
-            return b
+        reason = _can_run(b, call)
+        if reason is None:
+            return b, passed
+        passed[b.name] = reason
     raise TypeError(f"no backend can run this {call.op} call")  # reference accepts all
+
+
+def select(call: Call, requested: str | None) -> Backend:
+    """The backend that runs ``call``: explicit choices raise, preferences fall back."""
+    return _choose(call, requested)[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call would run: the backend, the form and its parameters, and why.
+
+    Attributes
+    ----------
+    op : str
+        The op the backend runs (an instance rule's parent: ``rwkv7`` runs as ``dplr``).
+    backend : str
+        The backend chosen.
+    form : str
+        The form it runs (``"auto"`` resolved).
+    params : dict
+        The form's parameters the backend chose (``chunk_size``, ``threads``, ...).
+    why : str
+        Why this form.
+    passed_over : dict
+        Backends of higher rank that were not chosen, and why.
+    """
+
+    op: str
+    backend: str
+    form: str
+    params: dict[str, Any]
+    why: str
+    passed_over: dict[str, str]
+
+
+def plan_call(call: Call, requested: str | None) -> Plan:
+    """The :class:`Plan` of a validated call (used by ``"auto"`` and the CLI alike)."""
+    b, passed = _choose(call, requested)
+    planner = getattr(b, "plan", None)
+    if planner is not None:
+        details = dict(planner(call))
+    else:  # a plugin without plans: it chooses inside run()
+        details = {"form": call.form, "why": f"{b.name} does not describe its choices"}
+    form = details.pop("form")
+    why = details.pop("why", "")
+    return Plan(call.op, b.name, form, details, why, passed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import numbers
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._ops import OPS, OpSpec, form_unavailable
+from ._ops import ARG_NAMES, FAMILIES, RULES, Rule
+from .rules._rule import dims_of, step_shape
 
 FORM_CHOICES = ("auto", "recurrent", "chunk", "parallel")
 
@@ -37,20 +39,20 @@ class Call:
 
     >>> import dataclasses
     >>> from fastweights.backends import Call
-    >>> [f.name for f in dataclasses.fields(Call)][:9]
-    ['op', 'spec', 'xp', 'device', 'q', 'k', 'v', 'g', 'gk']
+    >>> [f.name for f in dataclasses.fields(Call)][:8]
+    ['op', 'spec', 'xp', 'device', 'q', 'k', 'v', 'inputs']
     """
 
     op: str
-    spec: OpSpec
+    spec: Rule
     xp: ModuleType
     device: Any
     q: Any
     k: Any
     v: Any
-    g: Any = None
-    gk: Any = None
-    beta: Any = None
+    inputs: Mapping[str, Any]
+    """The rule's arrays after ``q, k, v`` by name (``spec.args``; None where an optional one
+    is not given), also readable as attributes: ``call.gk``, ``call.beta``, ``call.a``."""
     initial_state: Any = None
     """``[N, HV, K, V]``; for ``linear_attn(normalize=True)`` the pair ``(S, z)``."""
     scale: float
@@ -77,14 +79,21 @@ class Call:
     state_indices: np.ndarray | None = None
     """Decoding: host int64 rows of the pool, distinct and in range; None means arange(N)."""
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: the arrays of some rule.
+        if name in ARG_NAMES:
+            return self.__dict__["inputs"].get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def beta_per_value(self) -> bool:
-        return self.beta is not None and self.beta.ndim == 4
+        beta = self.inputs.get("beta")
+        return beta is not None and beta.ndim == 4
 
     @property
     def gate(self) -> Any:
-        """The log-decay array (``g`` or ``gk``), or None."""
-        return self.gk if self.spec.gate == "gk" else self.g
+        """The delta family's log-decay array (``g`` or ``gk``), or None."""
+        return None if self.spec.gate is None else self.inputs.get(self.spec.gate)
 
     @property
     def is_step(self) -> bool:
@@ -300,7 +309,7 @@ def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
 def _check_state(
     name: str,
     state: Any,
-    spec: OpSpec,
+    op: str,
     normalize: bool,
     rows: int,
     HV: int,
@@ -322,21 +331,60 @@ def _check_state(
         _check_shape(f"{name}[1]", z, (rows, HV, K), f"[{rows_label}, HV, K]")
         return {f"{name}[0]": S, f"{name}[1]": z}
     if isinstance(state, tuple | list):
-        raise TypeError(f"{name} must be an array for {spec.name}, got a {type(state).__name__}")
+        raise TypeError(f"{name} must be an array for {op}, got a {type(state).__name__}")
     if type(state) is not np.ndarray:
         _namespace(name, state)
     _check_shape(name, state, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
     return {name: state}
 
 
-def _check_required(spec: OpSpec, *, g: Any, gk: Any, beta: Any) -> None:
-    """The gate and beta arguments ``spec`` cannot do without are given."""
-    if spec.gate == "g" and not spec.gate_optional and g is None:
-        raise TypeError(f"{spec.name} needs the log-decay g, got None")
-    if spec.gate == "gk" and gk is None:
-        raise TypeError(f"{spec.name} needs the per-channel log-decay gk, got None")
-    if spec.has_beta and beta is None:
-        raise TypeError(f"{spec.name} needs beta, got None")
+def _rule_inputs(rule: Rule, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The rule's arrays after ``q, k, v`` by name; unknown and missing ones raise."""
+    unknown = sorted(set(inputs) - set(rule.arg_names))
+    if unknown:
+        raise TypeError(f"{rule.name} got unexpected arguments {unknown}")
+    out = {}
+    for arg in rule.args:
+        x = inputs.get(arg.name)
+        if x is None and not arg.optional:
+            raise TypeError(f"{rule.name} needs {arg.name}, got None")
+        out[arg.name] = x
+    return out
+
+
+def _check_template(
+    name: str, x: Any, templates: tuple[str, ...], sizes: dict[str, int], labels: dict[str, str]
+) -> None:
+    """``x`` has the shape of one of ``templates``, whose dimensions ``sizes`` gives."""
+    ranked = [dims_of(t) for t in templates if len(dims_of(t)) == x.ndim]
+    for dims in ranked:
+        if tuple(x.shape) == tuple(sizes[d] for d in dims):
+            return
+    shown = " or ".join(
+        "[" + ", ".join(labels.get(d, d) for d in dims_of(t)) + "]" for t in templates
+    )
+    dims = ranked[0] if ranked else dims_of(templates[0])
+    names = ", ".join(labels.get(d, d) for d in dims)
+    raise _shape_error(name, f"{shown} with {names} = {tuple(sizes[d] for d in dims)}", x)
+
+
+def _to_parent(rule: Rule, xp: ModuleType, arrays: dict[str, Any]) -> tuple[Rule, dict[str, Any]]:
+    """An instance rule's arrays rewritten onto its parent (a chain of parents included)."""
+    while rule.parent is not None:
+        assert rule.to_parent is not None
+        arrays = rule.to_parent(xp, arrays)
+        rule = RULES[rule.parent]
+    return rule, arrays
+
+
+def _check_form(rule: Rule, call: Call, form: str) -> None:
+    reason = None
+    if form not in rule.forms:
+        reason = rule.no_form.get(form, f"{rule.name} has no {form} form")
+    else:
+        reason = FAMILIES[call.spec.family].form_unavailable(call, form)
+    if reason:
+        raise ValueError(f"form={form!r} is not available for this {rule.name} call: {reason}")
 
 
 def _is_pool_dtype(pool: Any, xp: ModuleType) -> bool:
@@ -401,9 +449,6 @@ def validate(
     k: Any,
     v: Any,
     *,
-    g: Any = None,
-    gk: Any = None,
-    beta: Any = None,
     scale: Any = None,
     initial_state: Any = None,
     output_final_state: bool = False,
@@ -413,11 +458,12 @@ def validate(
     chunk_size: Any = 64,
     normalize: bool = False,
     num_householder: Any = 1,
+    **inputs: Any,
 ) -> Call:
-    """Check a sequence call of ``op`` against API.md and describe it as a :class:`Call`."""
-    spec = OPS[op]
-    _check_required(spec, g=g, gk=gk, beta=beta)
-    named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
+    """Check a sequence call of ``op`` against its description (:class:`Rule`) and API.md,
+    and describe it as a :class:`Call` of the op a backend runs (an instance's parent)."""
+    rule = RULES[op]
+    named = {"q": q, "k": k, "v": v, **_rule_inputs(rule, inputs)}
     for name, x in named.items():
         if x is not None or name in ("q", "k", "v"):
             _namespace(name, x)
@@ -428,34 +474,32 @@ def validate(
     _check_rank("q", q, 4, "[B, T, H, K]")
     B, T, H, K = (int(d) for d in q.shape)
     n = 1
-    if op == "delta_product":
+    if "num_householder" in rule.option_names:
         n = _check_int("num_householder", num_householder, 1, MAX_HOUSEHOLDER)
     rows, rows_label = T * n, ("T" if n == 1 else "T * num_householder")
+    k_rows = "R" in dims_of(rule.qkv[1].shape)
+    k_label = rows_label if k_rows else "T"
     _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_shape("k", k, (B, rows, H, K), f"[B, {rows_label}, H, K]")
+    _check_shape("k", k, (B, rows if k_rows else T, H, K), f"[B, {k_label}, H, K]")
     _check_rank("v", v, 4, "[B, T, HV, V]")
-    if tuple(v.shape[:2]) != (B, rows):
-        raise _shape_error("v", f"[B, {rows_label}, HV, V] with B, {rows_label} = {B, rows}", v)
+    if tuple(v.shape[:2]) != (B, rows if k_rows else T):
+        raise _shape_error("v", f"[B, {k_label}, HV, V] with B, {k_label} = {B, rows}", v)
     HV, V = int(v.shape[2]), int(v.shape[3])
     if HV == 0 or H == 0 or HV % H:
         raise ValueError(
             f"the value heads HV = {HV} (v.shape[2]) must be a positive multiple of the "
             f"query/key heads H = {H} (q.shape[2])"
         )
-    if g is not None:
-        _check_shape("g", g, (B, T, HV), "[B, T, HV]")
-    if gk is not None:
-        _check_shape("gk", gk, (B, T, HV, K), "[B, T, HV, K]")
-    if beta is not None:
-        if beta.ndim == 4:
-            _check_shape("beta", beta, (B, rows, HV, V), f"[B, {rows_label}, HV, V]")
-        else:
-            _check_shape("beta", beta, (B, rows, HV), f"[B, {rows_label}, HV] or [..., V]")
+    sizes = {"B": B, "T": T, "R": rows, "H": H, "HV": HV, "K": K, "V": V}
+    labels = {"R": rows_label}
+    for arg in rule.args:
+        if named[arg.name] is not None:
+            _check_template(arg.name, named[arg.name], arg.shapes, sizes, labels)
     cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else int(cu.shape[0]) - 1
     states: dict[str, Any] = {}
     if initial_state is not None:
-        states = _check_state("initial_state", initial_state, spec, normalize, N, HV, K, V, "N")
+        states = _check_state("initial_state", initial_state, op, normalize, N, HV, K, V, "N")
     if not isinstance(form, str) or form not in FORM_CHOICES:
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
     chunk = _check_int("chunk_size", chunk_size, 1)
@@ -463,26 +507,22 @@ def validate(
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
     )
-    if form != "auto":
-        reason = form_unavailable(
-            op, form, packed=cu is not None, beta_per_value=beta is not None and beta.ndim == 4
-        )
-        if reason:
-            raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
-    for name in ("g", "gk"):
+    if form != "auto" and form not in rule.forms:
+        reason = rule.no_form.get(form, f"{rule.name} has no {form} form")
+        raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
+    for name in rule.log_decays:
         if named[name] is not None:
             _check_gate_sign(name, named[name], xp)
-    return Call(
-        op=op,
-        spec=spec,
+    parent, arrays = _to_parent(rule, xp, named)
+    call = Call(
+        op=parent.name,
+        spec=parent,
         xp=xp,
         device=dev,
-        q=q,
-        k=k,
-        v=v,
-        g=g,
-        gk=gk,
-        beta=beta,
+        q=arrays["q"],
+        k=arrays["k"],
+        v=arrays["v"],
+        inputs={name: arrays.get(name) for name in parent.arg_names},
         initial_state=initial_state,
         scale=scale_value,
         normalize=normalize,
@@ -501,6 +541,9 @@ def validate(
         V=V,
         N=N,
     )
+    if form != "auto":
+        _check_form(rule, call, form)
+    return call
 
 
 def validate_step(
@@ -510,17 +553,19 @@ def validate_step(
     v: Any,
     state: Any,
     *,
-    g: Any = None,
-    gk: Any = None,
-    beta: Any = None,
     scale: Any = None,
     state_indices: Any = None,
     use_qk_l2norm: bool = False,
     normalize: bool = False,
+    **inputs: Any,
 ) -> Call:
-    """Check a one-token decoding call and describe it as a :class:`Call` with ``T == 1``."""
-    spec = OPS[op]
-    named = {"q": q, "k": k, "v": v, "g": g, "gk": gk, "beta": beta}
+    """Check a one-token decoding call and describe it as a :class:`Call` with ``T == 1``.
+
+    Arrays arrive in the one-token layout of their description (:func:`step_shape`: ``B``
+    becomes ``N``, ``T`` is dropped) and leave in the sequence layout with ``T == 1``.
+    """
+    rule = RULES[op]
+    named = {"q": q, "k": k, "v": v, **_rule_inputs(rule, inputs)}
     for name, x in named.items():
         if type(x) is not np.ndarray and (x is not None or name in ("q", "k", "v")):
             _namespace(name, x)
@@ -529,7 +574,7 @@ def validate_step(
     use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
     _check_rank("q", q, 3, "[N, H, K]")
     N, H, K = (int(d) for d in q.shape)
-    product = op == "delta_product"
+    product = "num_householder" in rule.option_names
     if product:
         _check_rank("k", k, 4, "[N, n, H, K]")
         n = int(k.shape[1])
@@ -551,18 +596,13 @@ def validate_step(
         raise ValueError(
             f"the value heads HV = {HV} must be a positive multiple of the query/key heads H = {H}"
         )
-    _check_required(spec, g=g, gk=gk, beta=beta)
-    if g is not None:
-        _check_shape("g", g, (N, HV), "[N, HV]")
-    if gk is not None:
-        _check_shape("gk", gk, (N, HV, K), "[N, HV, K]")
-    lead = (N, n) if product else (N,)
-    lead_label = "N, n" if product else "N"
-    if beta is not None:
-        if beta.ndim == len(lead) + 2:
-            _check_shape("beta", beta, (*lead, HV, V), f"[{lead_label}, HV, V]")
-        else:
-            _check_shape("beta", beta, (*lead, HV), f"[{lead_label}, HV] or [..., V]")
+    sizes = {"N": N, "n": n, "H": H, "HV": HV, "K": K, "V": V}
+    step_templates = {
+        arg.name: tuple(step_shape(t, product) for t in arg.shapes) for arg in rule.args
+    }
+    for arg in rule.args:
+        if named[arg.name] is not None:
+            _check_template(arg.name, named[arg.name], step_templates[arg.name], sizes, {})
     if state is None:
         raise TypeError(f"{op} decoding needs the state pool, got None")
     pair = isinstance(state, tuple | list)
@@ -580,7 +620,7 @@ def validate_step(
     S = state[0] if pair else state
     _check_rank("state[0]" if pair else "state", S, 4, "[P, HV, K, V]")
     P = int(S.shape[0])
-    states = _check_state("state", state, spec, normalize, P, HV, K, V, "P")
+    states = _check_state("state", state, op, normalize, P, HV, K, V, "P")
     scale_value = _check_scale(scale, K)
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
@@ -608,30 +648,32 @@ def validate_step(
             )
         if np.unique(idx).size != idx.size:
             raise ValueError("state_indices must be distinct: two rows would update one state")
-    for name in ("g", "gk"):
+    for name in rule.log_decays:
         if named[name] is not None:
             _check_gate_sign(name, named[name], xp)
     # An input that is a view of the pool would change under the kernel's writes: read it first.
     pools = tuple(states.values())
-    q, k, v = _unaliased(q, pools), _unaliased(k, pools), _unaliased(v, pools)
-    g, gk, beta = (None if x is None else _unaliased(x, pools) for x in (g, gk, beta))
+    for name, x in named.items():
+        if x is not None:
+            named[name] = _unaliased(x, pools)
     # The sequence layout with T == 1: views, no copies.
-    q1, k1 = q[:, None, ...], (k if product else k[:, None, ...])
-    v1 = v if product else v[:, None, ...]
-    g1 = None if g is None else g[:, None, ...]
-    gk1 = None if gk is None else gk[:, None, ...]
-    beta1 = None if beta is None else (beta if product else beta[:, None, ...])
+    templates = {a.name: a.shape for a in rule.arrays}
+    for name, x in named.items():
+        if x is None:
+            continue
+        dims = dims_of(templates[name])
+        if "T" in dims or ("R" in dims and not product):
+            named[name] = x[:, None, ...]
+    parent, arrays = _to_parent(rule, xp, named)
     return Call(
-        op=op,
-        spec=spec,
+        op=parent.name,
+        spec=parent,
         xp=xp,
         device=dev,
-        q=q1,
-        k=k1,
-        v=v1,
-        g=g1,
-        gk=gk1,
-        beta=beta1,
+        q=arrays["q"],
+        k=arrays["k"],
+        v=arrays["v"],
+        inputs={name: arrays.get(name) for name in parent.arg_names},
         scale=scale_value,
         normalize=normalize,
         num_householder=n,

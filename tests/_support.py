@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastweights
-from fastweights.backends import list_backends
+from fastweights.backends import RULES, list_backends
 from fastweights.testing import Call
 
 FORMS = ("recurrent", "chunk", "parallel")
@@ -25,8 +25,12 @@ PLUGIN_MODULE = "_fastweights_fake_plugins"
 
 
 def implemented_as(op: str) -> str:
-    """The op a backend lists for ``op`` (``retention`` runs as ``simple_gla``)."""
-    return "simple_gla" if op == "retention" else op
+    """The op a backend lists for ``op``: an instance rule's parent (``retention`` runs as
+    ``simple_gla``, ``rwkv7`` as ``dplr``)."""
+    rule = RULES[op]
+    while rule.parent is not None:
+        rule = RULES[rule.parent]
+    return rule.name
 
 
 def available_backends() -> list[Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import FORMS, FakeBackend, run
+from _support import FORMS, FakeBackend, implemented_as, run
 
 import fastweights
 from fastweights.backends import list_backends
@@ -28,7 +28,7 @@ def test_reference_is_listed_available_with_every_op_and_form() -> None:
     ref = _info("reference")
     assert ref.available and ref.reason is None
     assert isinstance(ref.priority, int)
-    implemented = {op if op != "retention" else "simple_gla" for op in OPS}
+    implemented = {implemented_as(op) for op in OPS}
     assert implemented <= set(ref.ops)
     for op, forms in ref.ops.items():
         assert "recurrent" in forms and "chunk" in forms, op

@@ -22,11 +22,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from _support import implemented_as
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastweights
-from fastweights.backends import list_backends
+from fastweights.backends import RULES, list_backends
 from fastweights.testing import (
     OPS,
     Call,
@@ -111,11 +112,11 @@ def _engine_env(engine: Engine) -> Iterator[None]:
 
 
 def _offers(engine: Engine, call: Call) -> bool:
-    if engine.form == "step":
-        return True
-    op = "simple_gla" if call.op == "retention" else call.op
+    op = implemented_as(call.op)
     with _engine_env(engine):
         backend = _available().get(engine.backend)
+    if engine.form == "step":
+        return backend is not None and op in backend.step_ops
     offered = () if backend is None else backend.ops.get(op, ())
     return engine.form in offered and call.unavailable_form(engine.form) is None
 
@@ -159,7 +160,7 @@ def _leaves(state: Any) -> tuple[np.ndarray, ...]:
 
 
 def _token_inputs(call: Call) -> list[str]:
-    return [n for n in ("q", "k", "v", "g", "gk", "beta") if n in call.arrays]
+    return [a.name for a in RULES[call.op].arrays if a.name in call.arrays]
 
 
 def _skip_unless_offered(engine: Engine, call: Call) -> None:
@@ -184,7 +185,7 @@ def test_non_finite_input_changes_no_earlier_output(
     _skip_unless_offered(engine, call)
     name = data.draw(st.sampled_from(_token_inputs(call)), label="input")
     # A positive gate is rejected by the sign check: gates get -inf or NaN.
-    values = [np.nan, -np.inf] if name in ("g", "gk") else [np.nan, np.inf, -np.inf]
+    values = [np.nan, -np.inf] if name in RULES[op].log_decays else [np.nan, np.inf, -np.inf]
     value = data.draw(st.sampled_from(values), label="value")
     t = data.draw(st.integers(0, length - 1), label="t")
     x = call.arrays[name].copy()

@@ -10,11 +10,11 @@ import importlib
 
 import pytest
 
+from fastweights.backends import RULES
 from fastweights.backends.numba import backend as numba_backend
 
 MODULES = [
     "fastweights",
-    "fastweights._api",
     pytest.param(
         "fastweights._kernel_cache",
         marks=pytest.mark.skipif(
@@ -39,3 +39,17 @@ def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("module", ["fastweights", "fastweights.step"])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_op_examples(module: str, name: str) -> None:
+    """The ops are generated from their rules' descriptions (their globals are not the
+    module's, so ``testmod`` skips them): each one's example runs here."""
+    func = getattr(importlib.import_module(module), name)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = doctest.DocTestFinder().find(func, name=f"{module}.{name}", globs={})
+    assert sum(len(t.examples) for t in tests) > 0, f"{module}.{name} has no examples"
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _support import implemented_as
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -203,9 +204,7 @@ def _relayout(data: Any, arrays: dict[str, Any]) -> Any:
 def _check_sequence(backend: str, data: Any) -> None:
     call = data.draw(calls(step=False), label="call")
     fn = getattr(fastweights, call.op)
-    offered = {b.name: b for b in list_backends()}[backend].ops.get(call.op, ())
-    if call.op == "retention":
-        offered = {b.name: b for b in list_backends()}[backend].ops.get("simple_gla", ())
+    offered = {b.name: b for b in list_backends()}[backend].ops.get(implemented_as(call.op), ())
     form = data.draw(st.sampled_from(call.forms(offered)), label="form")
     odd = _relayout(data, {n: x for n, x in call.arrays.items() if x is not None})
     plain = _plain(odd)

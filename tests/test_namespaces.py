@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import assert_result, reference_backend
+from _support import assert_result, implemented_as, reference_backend
 
 import fastweights
 from fastweights.testing import OPS, Call, random_call, run_steps, to_numpy
@@ -31,7 +31,7 @@ def _calls() -> list[Any]:
 
 
 def _forms(call: Call) -> list[str]:
-    return call.forms(reference_backend().ops[call.op if call.op != "retention" else "simple_gla"])
+    return call.forms(reference_backend().ops[implemented_as(call.op)])
 
 
 def _module(x: Any) -> str:

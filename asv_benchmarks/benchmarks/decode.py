@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 import fastweights
-from fastweights._bench import OPS, backend_namespace, best_time, make_inputs, synchronize
+from fastweights._bench import OPS, backend_namespace, best_time, step_inputs, synchronize
 
 BACKENDS = ["reference", "numba", "cupy"]
 H, D = 16, 128
@@ -27,14 +27,7 @@ class Decode:
         on_gpu = xp is not np
         if (B == 32 and on_gpu) or (B == 256 and not on_gpu):
             raise NotImplementedError("B = 32 is the CPU size, B = 256 the GPU size")
-        args, kwargs = make_inputs(op, B, 1, H, D, D, xp)
-        if op == "delta_product":
-            q, k, v, beta = args
-            n = kwargs["num_householder"]
-            args = (q[:, 0], k.reshape(B, n, H, D), v.reshape(B, n, H, D), beta.reshape(B, n, H))
-            kwargs = {"g": kwargs["g"][:, 0]}
-        else:
-            args = tuple(a[:, 0] for a in args)
+        args, kwargs = step_inputs(op, B, H, D, D, xp)
         self.pool = xp.zeros((B, H, D, D), dtype=xp.float32)
         self.step = getattr(fastweights.step, op)
         self.args, self.kwargs, self.backend = args, kwargs, backend

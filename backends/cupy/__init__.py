@@ -21,13 +21,23 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fastweights._ops import OPS
-from fastweights._validate import Call
+from fastweights.backends import Call
 
 EMULATE_ENV = "FASTWEIGHTS_CUDA_EMULATE"
 _FLOATS = frozenset({"float16", "float32", "float64"})
-_MAX_K = 256  # fastweights.backends.cupy._launch.MAX_K, without importing it
-_MAX_GRID_Y = 65535  # _launch.MAX_GRID_Y
+MAX_K = 256
+"""The kernels hold a state column of ``K`` values in registers: ``K = 1 .. MAX_K``."""
+MAX_GRID_Y = 65535
+"""Value heads go on CUDA's grid y axis."""
+FIRST_WAVE = (
+    "linear_attn",
+    "simple_gla",
+    "gla",
+    "delta_rule",
+    "gated_delta_rule",
+    "kda",
+    "delta_product",
+)
 
 
 def emulating() -> bool:
@@ -57,8 +67,11 @@ class CupyBackend:
 
     name = "cupy"
     priority = 20
-    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: ("recurrent",) for op in OPS}
-    step_ops = tuple(OPS)
+    ops: ClassVar[dict[str, tuple[str, ...]]] = {op: ("recurrent",) for op in FIRST_WAVE}
+    """What it runs, declared op by op: it is never handed anything else."""
+    step_ops = FIRST_WAVE
+    dtypes = "float16, float32, float64 (float16 accumulates in float32)"
+    limits: ClassVar[dict[str, str]] = {"K": f"1..{MAX_K}", "HV": f"<= {MAX_GRID_Y}", "V": ">= 1"}
 
     def __init__(self) -> None:
         self._cupy_reason: tuple[str | None] | None = None
@@ -75,26 +88,30 @@ class CupyBackend:
 
     def rejects(self, call: Call) -> str | None:
         kinds = {
-            _array_kind(x) for x in (call.q, call.k, call.v, call.gate, call.beta) if x is not None
+            _array_kind(x) for x in (call.q, call.k, call.v, *call.inputs.values()) if x is not None
         }
         if kinds == {"numpy"}:
             if not emulating():
                 return f"it takes CuPy arrays (NumPy arrays only with {EMULATE_ENV}=1)"
         elif kinds != {"cupy"}:
             return "it takes CuPy arrays"
-        arrays = [call.q, call.k, call.v, call.gate, call.beta]
+        arrays = [call.q, call.k, call.v, *call.inputs.values()]
         for s in (call.initial_state, call.state_pool):
             arrays.extend(s if isinstance(s, tuple | list) else [s])
         for x in arrays:
             if x is not None and np.dtype(x.dtype).name not in _FLOATS:
                 return f"dtype {x.dtype} is not float16, float32 or float64"
-        if not 1 <= call.K <= _MAX_K:
-            return f"the kernels hold K = 1..{_MAX_K} in registers, got K = {call.K}"
+        if not 1 <= call.K <= MAX_K:
+            return f"the kernels hold K = 1..{MAX_K} in registers, got K = {call.K}"
         if call.V < 1:
             return "V = 0 (no value columns)"
-        if call.HV > _MAX_GRID_Y:
-            return f"the kernels put value heads on CUDA's grid y axis: HV <= {_MAX_GRID_Y}"
+        if call.HV > MAX_GRID_Y:
+            return f"the kernels put value heads on CUDA's grid y axis: HV <= {MAX_GRID_Y}"
         return None
+
+    def plan(self, call: Call) -> dict[str, Any]:
+        """One launch of the recurrent scan kernel, whatever the form asked."""
+        return {"form": "recurrent", "why": "the kernels run the recurrent form only"}
 
     def run(self, call: Call) -> tuple[Any, Any]:
         from ._recurrent import run

@@ -18,8 +18,13 @@ from typing import Any
 
 import numpy as np
 
-OPTIONS = ("-std=c++17",)
-"""NVRTC options of every module (the emulator ignores those without a CPU meaning)."""
+from fastweights._constants import cuda_defines
+
+from . import MAX_K
+
+OPTIONS = ("-std=c++17", *cuda_defines())
+"""NVRTC options of every module (the emulator ignores those without a CPU meaning); the
+rules' constants come from :mod:`fastweights._constants` as ``-D`` definitions."""
 
 _SOURCES = ("common.cuh", "recurrent.cu")
 
@@ -35,14 +40,10 @@ MODES = (
 HAS_H0, HAS_HT, HAS_CU, HAS_IDX, L2NORM, HAS_Z0, HAS_ZT = 1, 2, 4, 8, 16, 32, 64
 """Bits of the run-time ``flags`` argument of ``fw_recurrent``."""
 
-MAX_K = 256
-"""Largest key dimension the register tiles hold."""
 
 _CTYPES = {"float16": "fw_half", "float32": "float", "float64": "double"}
 
 INT32_MAX = 2**31 - 1
-MAX_GRID_Y = 65535
-"""CUDA's limit on ``gridDim.y`` (the kernels put value heads there)."""
 
 
 def int32(name: str, value: int) -> np.int32:

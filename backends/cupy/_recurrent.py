@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastweights._pool import gather_rows, write_rows
-from fastweights._validate import Call
+from fastweights.backends import Call, gather_rows, write_rows
 
 from . import _launch as L
 

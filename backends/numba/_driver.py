@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fastweights._validate import Call
+from fastweights.backends import NORMALIZE_EPS, Call
 
 from ._layout import (
     Args,
@@ -27,8 +27,6 @@ from ._layout import (
 from ._passes import VB
 from .recurrent import recurrent_kernel
 from .step import step_kernel
-
-NORMALIZE_EPS = 1e-10
 
 
 def auto_form(call: Call) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numba import typeof
 
-from fastweights._validate import Call
+from fastweights.backends import Call
 
 from ._jit import DISABLE_JIT, compiling
 from ._passes import VB

@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from fastweights.rules._layout import L2NORM_EPS
+from fastweights.backends import L2NORM_EPS, SUB_BLOCK
 
 from ._jit import jit, prefer_512, row
 from ._math import exp_f32, exp_f64
 
-SUB = 16
+SUB = SUB_BLOCK
 MAX_CHUNK = 1024
 """Largest chunk the kernel runs (see the module docstring)."""
 

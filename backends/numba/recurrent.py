@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from fastweights.rules._layout import L2NORM_EPS
+from fastweights.backends import L2NORM_EPS
 
 from ._jit import address, jit, prefer_512, prefetch_at, row
 from ._math import decay_rows_reset_f32, decay_rows_reset_f64

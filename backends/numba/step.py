@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from fastweights.rules._layout import L2NORM_EPS
+from fastweights.backends import L2NORM_EPS
 
 from ._jit import jit, prefer_512, row
 from ._math import exp_f32, exp_f64

@@ -1,43 +1,20 @@
-"""From a validated call to the arrays the math works on, and back.
+"""Layout helpers every rule family's problem preparation shares.
 
 The forms work per (sequence, value head) on a head-major layout ``[N, HV, T, D]`` in the
 compute dtype, with ``q`` already normalised and scaled and grouped heads expanded. Packed
-sequences become a zero-padded batch: a padded step has ``k = v = 0``, gate 0 and beta 0, so it
-leaves the state unchanged and every form stays exact without knowing about ``cu_seqlens``.
+sequences become a zero-padded batch whose padded steps leave the state unchanged, so every
+form stays exact without knowing about ``cu_seqlens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 from array_api_compat import device
 
-from .._validate import Call
-
-L2NORM_EPS = 1e-6
-
-
-@dataclass
-class Problem:
-    """The general rule's inputs, head-major, for every op (see ``fastweights._ops``).
-
-    ``q, k: [N, HV, R, K]``, ``v: [N, HV, R, V]`` with ``R`` steps (``T * n`` for
-    DeltaProduct, interleaved; ``q`` is zero except at each token's last step);
-    ``log_decay: [N, HV, R, 1 or K]`` or None; ``beta: [N, HV, R, 1 or V]`` or None (Hebbian);
-    ``state: [N, HV, K, V]``.
-    """
-
-    xp: ModuleType
-    q: Any
-    k: Any
-    v: Any
-    log_decay: Any
-    beta: Any
-    state: Any
-    erase: bool
+from .._constants import L2NORM_EPS
 
 
 def l2norm(xp: ModuleType, x: Any) -> Any:
@@ -73,82 +50,6 @@ def _heads_first(xp: ModuleType, x: Any) -> Any:
     """``[N, R, HV, ...]`` -> ``[N, HV, R, ...]``."""
     axes = (0, 2, 1, *range(3, x.ndim))
     return xp.permute_dims(x, axes)
-
-
-def prepare(call: Call) -> tuple[Problem, Any]:
-    """The general-rule problem for ``call`` and a function mapping results back.
-
-    The returned ``finish(o, state)`` takes ``o: [N, HV, T', V]`` (T' padded token count) and
-    the final state of the general rule, and returns ``(o, final_state)`` in the caller's layout.
-    """
-    xp, dt, dev = call.xp, call.dtype, call.device
-    n, G = call.num_householder, call.HV // call.H
-
-    def cast(x: Any) -> Any:
-        return None if x is None else xp.astype(x, dt)
-
-    q, k, v = cast(call.q), cast(call.k), cast(call.v)
-    gate, beta = cast(call.gate), cast(call.beta)
-    if call.use_qk_l2norm:
-        q, k = l2norm(xp, q), l2norm(xp, k)
-    q = q * call.scale
-    if call.normalize:
-        # The normaliser z_t = sum k is one more value column of ones.
-        v = xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=dt, device=dev)], axis=-1)
-    B, T = call.B, call.T
-    if n > 1 or call.op == "delta_product":
-        # Interleave: step j of token t is row t*n + j; decay before the first step,
-        # read after the last.
-        zeros_q = xp.zeros((B, T, n - 1, *q.shape[2:]), dtype=dt, device=dev)
-        q = xp.reshape(xp.concat([zeros_q, q[:, :, None, ...]], axis=2), (B, T * n, *q.shape[2:]))
-        if gate is not None:
-            zeros_g = xp.zeros((B, T, n - 1, *gate.shape[2:]), dtype=dt, device=dev)
-            gate = xp.concat([gate[:, :, None, ...], zeros_g], axis=2)
-            gate = xp.reshape(gate, (B, T * n, *gate.shape[3:]))
-    t_max = T
-    if call.cu_seqlens is not None:
-        idx, t_max = _pad_index(call.cu_seqlens, T, n)
-        q, k, v = (_pad(xp, x, idx, dev) for x in (q, k, v))
-        gate = None if gate is None else _pad(xp, gate, idx, dev)
-        beta = None if beta is None else _pad(xp, beta, idx, dev)
-    if G > 1:
-        q, k = xp.repeat(q, G, axis=2), xp.repeat(k, G, axis=2)
-    q, k, v = _heads_first(xp, q), _heads_first(xp, k), _heads_first(xp, v)
-    if gate is not None:
-        gate = _heads_first(xp, gate if gate.ndim == 4 else gate[..., None])
-    if beta is not None:
-        beta = _heads_first(xp, beta if beta.ndim == 4 else beta[..., None])
-    state = _initial_state(call)
-
-    def finish(o: Any, final: Any) -> tuple[Any, Any]:
-        if n > 1 or call.op == "delta_product":
-            o = o[:, :, n - 1 :: n, :]
-        o = xp.permute_dims(o, (0, 2, 1, 3))  # [N, T', HV, V']
-        if call.cu_seqlens is not None:
-            flat = xp.reshape(o, (-1, *o.shape[2:]))
-            unpack = xp.asarray(_unpack_index(call.cu_seqlens, t_max), device=dev)
-            o = xp.take(flat, unpack, axis=0)[None, ...]
-        if call.normalize:
-            o = o[..., :-1] / (o[..., -1:] + 1e-10)
-        o = xp.astype(o, call.v.dtype)
-        if not call.output_final_state:
-            return o, None
-        if call.normalize:
-            return o, (final[..., :-1], final[..., -1])
-        return o, final
-
-    return Problem(xp, q, k, v, gate, beta, state, call.spec.erase), finish
-
-
-def _initial_state(call: Call) -> Any:
-    xp, dt = call.xp, call.dtype
-    V = call.V + (1 if call.normalize else 0)
-    if call.initial_state is None:
-        return xp.zeros((call.N, call.HV, call.K, V), dtype=dt, device=call.device)
-    if call.normalize:
-        S, z = call.initial_state
-        return xp.concat([xp.astype(S, dt), xp.astype(z, dt)[..., None]], axis=-1)
-    return xp.astype(call.initial_state, dt)
 
 
 def pad_to_multiple(xp: ModuleType, x: Any, axis: int, multiple: int) -> Any:

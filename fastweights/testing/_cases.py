@@ -10,24 +10,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._ops import RULES
 from ._tolerance import assert_close, to_namespace, to_numpy, tolerance
 
-#: Positional arguments of every op, in order; other arrays are passed as keywords.
-ARG_ORDER: dict[str, tuple[str, ...]] = {
-    "linear_attn": ("q", "k", "v"),
-    "simple_gla": ("q", "k", "v", "g"),
-    "retention": ("q", "k", "v"),
-    "gla": ("q", "k", "v", "gk"),
-    "delta_rule": ("q", "k", "v", "beta"),
-    "gated_delta_rule": ("q", "k", "v", "g", "beta"),
-    "delta_product": ("q", "k", "v", "beta"),
-    "kda": ("q", "k", "v", "gk", "beta"),
-}
+#: Positional arguments of every op, in order (from the rule descriptions); other arrays are
+#: passed as keywords.
+ARG_ORDER: dict[str, tuple[str, ...]] = {name: rule.positional for name, rule in RULES.items()}
 
 OPS: tuple[str, ...] = tuple(ARG_ORDER)
 
 #: Ops without a parallel form (SPEC section 2).
-NO_PARALLEL: frozenset[str] = frozenset({"gla", "kda", "delta_product"})
+NO_PARALLEL: frozenset[str] = frozenset(
+    name for name, rule in RULES.items() if "parallel" not in rule.forms
+)
 
 _INT_ARRAYS = frozenset({"cu_seqlens", "state_indices"})
 
@@ -166,10 +161,13 @@ class GoldenCase(Call):
 def load_golden_cases() -> list[GoldenCase]:
     """Load the vendored golden cases (float64 inputs and expected outputs).
 
+    The first wave's cases (``golden/``) and the forward cases of the second wave's ops that
+    fastweights has (``golden2/``).
+
     Returns
     -------
     list of GoldenCase
-        In the order of ``golden/manifest.json``.
+        In the order of the manifests.
 
     Examples
     --------
@@ -178,25 +176,33 @@ def load_golden_cases() -> list[GoldenCase]:
     >>> case = next(c for c in cases if c.name == "delta_rule_basic")
     >>> case.op, case.o.shape
     ('delta_rule', (2, 67, 2, 24))
+    >>> sorted({c.op for c in cases if c.name.startswith(("dplr", "iplr"))})
+    ['dplr', 'iplr']
     """
-    root = resources.files("fastweights.testing").joinpath("golden")
-    manifest = json.loads(root.joinpath("manifest.json").read_text())
     cases = []
-    for entry in manifest:
-        with root.joinpath(f"{entry['name']}.npz").open("rb") as fh, np.load(fh) as data:
-            meta = json.loads(str(data["meta"]))
-            arrays = {n: np.array(data[n]) for n in meta["inputs"]}
-            final = np.array(data["final_state"]) if meta["has_final_state"] else None
-            cases.append(
-                GoldenCase(
-                    op=meta["op"],
-                    arrays=arrays,
-                    kwargs=dict(meta["kwargs"]),
-                    name=entry["name"],
-                    o=np.array(data["o"]),
-                    final_state=final,
+    for folder in ("golden", "golden2"):
+        root = resources.files("fastweights.testing").joinpath(folder)
+        manifest = json.loads(root.joinpath("manifest.json").read_text())
+        for entry in manifest:
+            if entry.get("kind", "forward") != "forward" or entry.get("op", "") not in (
+                *RULES,
+                "",
+            ):
+                continue
+            with root.joinpath(f"{entry['name']}.npz").open("rb") as fh, np.load(fh) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {n: np.array(data[n]) for n in meta["inputs"]}
+                has_final = meta.get("has_final_state", "final_state" in meta.get("outputs", ()))
+                cases.append(
+                    GoldenCase(
+                        op=meta["op"],
+                        arrays=arrays,
+                        kwargs=dict(meta["kwargs"]),
+                        name=entry["name"],
+                        o=np.array(data["o"]),
+                        final_state=np.array(data["final_state"]) if has_final else None,
+                    )
                 )
-            )
     return cases
 
 
@@ -295,6 +301,17 @@ def random_call(
     if op in ("delta_rule", "gated_delta_rule", "delta_product", "kda"):
         shape = (batch, rows, hv, value_dim) if beta_per_value else (batch, rows, hv)
         arrays["beta"] = rng.uniform(0.05, 1.0, shape)
+    per_key = (batch, length, hv, key_dim)
+    if op in ("dplr", "iplr"):
+        # a = -beta c, b = d with unit c, d and c . d about 0.9 (RULES2.md: stable states).
+        c = rng.standard_normal(per_key)
+        c /= np.linalg.norm(c, axis=-1, keepdims=True)
+        d = c + 0.3 * rng.standard_normal(per_key) / np.sqrt(key_dim)
+        d /= np.linalg.norm(d, axis=-1, keepdims=True)
+        arrays["a"] = -rng.uniform(0.05, 1.0, (*per_key[:-1], 1)) * c
+        arrays["b"] = d
+        if op == "dplr":
+            arrays["gk"] = gate(per_key)
     n_states = batch
     if seqlens is not None:
         arrays["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)

@@ -32,8 +32,10 @@ import numpy as np
 __all__ = [
     "delta_product",
     "delta_rule",
+    "dplr",
     "gated_delta_rule",
     "gla",
+    "iplr",
     "kda",
     "linear_attn",
     "retention",
@@ -354,3 +356,56 @@ def delta_product(
     (True, True)
     """
     return _scan(q, k, v, g=g, beta=beta, num_householder=num_householder, **common)
+
+
+def dplr(
+    q: Any,
+    k: Any,
+    v: Any,
+    a: Any,
+    b: Any,
+    gk: Any,
+    *,
+    scale: float | None = None,
+    initial_state: Any = None,
+    output_final_state: bool = False,
+    cu_seqlens: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[np.ndarray, Any]:
+    """``S_t = Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``, ``o_t = S_t^T q~_t``.
+
+    A ``-inf`` entry of ``gk`` zeroes that row of the decayed part exactly; ``gk`` None is no
+    decay (``iplr``).
+    """
+    v_dtype = np.asarray(v).dtype
+    q, k, v, a, b = (np.asarray(x, dtype=np.float64) for x in (q, k, v, a, b))
+    batch, length, heads, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * (dk**-0.5 if scale is None else scale)
+    q, k = np.repeat(q, hv // heads, axis=2), np.repeat(k, hv // heads, axis=2)
+    gk = None if gk is None else np.asarray(gk, dtype=np.float64)
+    segments = _segments(batch, length, cu_seqlens)
+    states = np.zeros((len(segments), hv, dk, dv))
+    if initial_state is not None:
+        states[...] = np.asarray(initial_state, dtype=np.float64)
+    o = np.zeros((batch, length, hv, dv))
+    for i, (row, start, end) in enumerate(segments):
+        S = states[i]
+        for t in range(start, end):
+            read = np.einsum("hk,hkv->hv", a[row, t], S)
+            decayed = S
+            if gk is not None:
+                g = gk[row, t][:, :, None]
+                decayed = np.where(g == -np.inf, 0.0, np.exp(g) * S)
+            S = decayed + b[row, t][:, :, None] * read[:, None, :]
+            S = S + k[row, t][:, :, None] * v[row, t][:, None, :]
+            o[row, t] = np.einsum("hk,hkv->hv", q[row, t], S)
+        states[i] = S
+    return o.astype(v_dtype), (states if output_final_state else None)
+
+
+def iplr(q: Any, k: Any, v: Any, a: Any, b: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """:func:`dplr` without decay."""
+    return dplr(q, k, v, a, b, None, **common)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _support import implemented_as
 
 import fastweights
 from fastweights.testing import (
@@ -31,7 +32,7 @@ CASES = load_golden_cases()
 
 
 def _forms(case: Any) -> list[str]:
-    return case.forms(INFO.ops.get(case.op if case.op != "retention" else "simple_gla", ()))
+    return case.forms(INFO.ops.get(implemented_as(case.op), ()))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

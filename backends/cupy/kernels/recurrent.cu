@@ -1,11 +1,11 @@
 // The recurrent form of the general fast-weight update rule, one token after another.
 //
 // For each (sequence, value head, tile of BV value columns), with S the K x V state of the
-// head (key-first), x~ = x / sqrt(|x|^2 + 1e-6) when L2-normalising, and q~ = scale q:
+// head (key-first), x~ = x / sqrt(|x|^2 + FW_L2NORM_EPS) when L2-normalising, and q~ = scale q:
 //
 //     S' = Diag(alpha_t) S              alpha_t = exp(g_t) (per head) or exp(gk_t) (per key)
 //     S  = S' + k_t (beta_t * (v_t - erase * S'^T k_t))^T
-//     o_t = S^T q~_t,   or (S^T q~_t) / (q~_t . z_t + 1e-10) with z_t = z_{t-1} + k_t
+//     o_t = S^T q~_t,   or (S^T q~_t) / (q~_t . z_t + FW_NORMALIZE_EPS) with z_t = z_{t-1} + k_t
 //
 // MODE selects the parts at compile time: the gate (none / per head / per key channel), beta
 // (none, i.e. Hebbian with erase = 0 and beta = 1 / per head / per value channel) and the
@@ -26,6 +26,11 @@
 // gate [rows_q, HV] or [rows_q, HV, K], beta [rows_q*NS, HV] or [..., V], states [*, HV, K, V],
 // z [*, HV, K]. Sequence n covers tokens [cu[n], cu[n+1]) (FW_HAS_CU) or [n*T, (n+1)*T).
 // Decoding is the same kernel with T == 1, h0 == ht == the pool and state_idx its rows.
+
+// The rules' constants are defined once, in fastweights/_constants.py, and passed as -D options.
+#if !defined(FW_L2NORM_EPS) || !defined(FW_NORMALIZE_EPS)
+#error "compile with the options of fastweights._constants.cuda_defines()"
+#endif
 
 enum : int {
     FW_GATE_HEAD = 1,
@@ -160,7 +165,7 @@ fw_recurrent(const Tin* __restrict__ q, const Tin* __restrict__ k, const Tin* __
 
         if (flags & FW_L2NORM) {
             const Tc ss = fw_group_sum<KSPLIT>(fw_dot<KPT>(kk, kk));
-            const Tc inv = Tc(1) / fw_sqrt(ss + Tc(1e-6));
+            const Tc inv = Tc(1) / fw_sqrt(ss + Tc(FW_L2NORM_EPS));
 #pragma unroll
             for (int i = 0; i < KPT; ++i) kk[i] *= inv;
         }
@@ -190,11 +195,11 @@ fw_recurrent(const Tin* __restrict__ q, const Tin* __restrict__ k, const Tin* __
             for (int i = 0; i < KPT; ++i) qq[i] = fw_cvt<Tc>(pq[i]);
             Tc qs = scale;
             if (flags & FW_L2NORM)
-                qs = scale / fw_sqrt(fw_group_sum<KSPLIT>(fw_dot<KPT>(qq, qq)) + Tc(1e-6));
+                qs = scale / fw_sqrt(fw_group_sum<KSPLIT>(fw_dot<KPT>(qq, qq)) + Tc(FW_L2NORM_EPS));
 #pragma unroll
             for (int i = 0; i < KPT; ++i) qq[i] *= qs;
             Tc acc = fw_group_sum<KSPLIT>(fw_dot<KPT>(S, qq));
-            if (NORM) acc = acc / (fw_group_sum<KSPLIT>(fw_dot<KPT>(Z, qq)) + Tc(1e-10));
+            if (NORM) acc = acc / (fw_group_sum<KSPLIT>(fw_dot<KPT>(Z, qq)) + Tc(FW_NORMALIZE_EPS));
             if (ks == 0 && col_ok) fw_store(&ob[t * vstride], acc);
         }
         if (last) {

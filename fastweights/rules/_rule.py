@@ -1,0 +1,232 @@
+"""The description of a rule: what validation, the public functions, the registry, the test
+kit and the benchmarks read to know an op.
+
+A :class:`Rule` is data. Its arguments carry shape templates over the sizes of a call::
+
+    B, T   batch and tokens         H, HV  query/key heads and value heads (HV = G * H)
+    R      the rule's rows along T   K, V   key and value sizes
+           (T * num_householder for DeltaProduct, else T)
+
+A rule that is an instance of another (``retention`` of ``simple_gla``, ``iplr`` and ``rwkv7``
+of ``dplr``) names its ``parent`` and maps its arguments onto the parent's with ``to_parent``;
+validation rewrites the call before any backend sees it, so a backend that runs the parent runs
+the instance with no registration of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+FORMS = ("recurrent", "chunk", "parallel")
+"""Every form a rule can have; ``"auto"`` lets the backend choose among them."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One array argument of a rule, after ``q, k, v``.
+
+    ``shape`` is a template such as ``"[B, T, HV, K]"``; ``shapes`` lists alternatives (beta
+    per head or per value). A ``log_decay`` argument is a gate: its values must be ``<= 0``.
+    """
+
+    name: str
+    shape: str
+    doc: str
+    log_decay: bool = False
+    optional: bool = False
+    """None is accepted (the rule then leaves that part out)."""
+    alternatives: tuple[str, ...] = ()
+    keyword_only: bool = False
+    """Passed by keyword in the public functions (after ``*``)."""
+    sample: str = "normal"
+    """How benchmarks draw it: ``"normal"``, ``"unit"`` (unit vectors along the last axis),
+    ``"rate"`` (uniform in (0, 1)) or ``"removal"`` (``-rate * unit``: a vector that reads
+    and removes); log-decays are drawn as log-decays."""
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return (self.shape, *self.alternatives)
+
+
+REQUIRED = object()
+"""The default of an option that has none (a required keyword argument)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A keyword option of a rule beyond the common ones (``normalize``, ``num_householder``).
+
+    ``step`` says whether the decoding step takes it too (DeltaProduct's step reads ``n``
+    from ``k.shape[1]``).
+    """
+
+    name: str
+    default: Any
+    doc: str
+    annotation: str = "bool"
+    step: bool = True
+    step_doc: str = ""
+
+
+QKV = (
+    Arg("q", "[B, T, H, K]", "queries."),
+    Arg("k", "[B, T, H, K]", "keys.", sample="unit"),
+    Arg("v", "[B, T, HV, V]", "values."),
+)
+"""The queries, keys and values of a rule with one row per token."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One update rule: its arguments, state, forms and (for an instance) its parent.
+
+    Attributes
+    ----------
+    name : str
+        The op's name, ``fastweights.<name>`` and ``fastweights.step.<name>``.
+    family : str
+        The package under :mod:`fastweights.rules` that computes it.
+    update : str
+        The update, one line in the key-first layout.
+    args : tuple of Arg
+        Array arguments after ``q, k, v``, in call order.
+    forms : tuple of str
+        The forms the rule has for some call.
+    no_form : mapping
+        Form -> why the rule never has it.
+    options : tuple of Option
+        Keyword options beyond the common ones (``normalize``, ``num_householder``).
+    state : str
+        The state's shape template; ``linear_attn(normalize=True)`` has the pair ``(S, z)``.
+    parent, to_parent
+        For an instance: the parent op, and ``to_parent(xp, arrays) -> arrays`` mapping the
+        instance's arguments (by name, ``q, k, v`` included) onto the parent's.
+    params : mapping
+        The family's parameters of this rule (e.g. the delta family's ``erase`` and ``gate``).
+    qkv : tuple of Arg
+        ``q, k, v`` (DeltaProduct's ``k, v`` have ``R`` rows).
+    title, doc, example
+        The public function's docstring: its first line, the paragraphs after it, and its
+        runnable example (the Parameters section is generated from ``args``).
+    step_title, step_doc, step_example
+        The same for the decoding step (``step_title`` defaults to one built from ``update``).
+
+    Examples
+    --------
+    >>> from fastweights.backends import RULES
+    >>> [(a.name, a.shape) for a in RULES["kda"].args]
+    [('gk', '[B, T, HV, K]'), ('beta', '[B, R, HV]')]
+    >>> RULES["iplr"].parent
+    'dplr'
+    """
+
+    name: str
+    family: str
+    update: str
+    args: tuple[Arg, ...]
+    forms: tuple[str, ...]
+    no_form: Mapping[str, str] = field(default_factory=dict)
+    options: tuple[Option, ...] = ()
+    state: str = "[N, HV, K, V]"
+    parent: str | None = None
+    to_parent: Callable[[ModuleType, dict[str, Any]], dict[str, Any]] | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    qkv: tuple[Arg, Arg, Arg] = QKV
+    flops: int = 6
+    """FLOPs per state element and step of the recurrent pass, the least work any form does
+    (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""
+    title: str = ""
+    doc: str = ""
+    example: str = ""
+    step_title: str = ""
+    step_doc: str = ""
+    step_example: str = ""
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    @property
+    def arrays(self) -> tuple[Arg, ...]:
+        """Every array argument, ``q, k, v`` first."""
+        return (*self.qkv, *self.args)
+
+    @property
+    def positional(self) -> tuple[str, ...]:
+        """The public sequence function's positional parameters, in order."""
+        return tuple(a.name for a in self.arrays if not a.keyword_only)
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+    @property
+    def log_decays(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.log_decay)
+
+    # The delta family's parameters (SPEC.md's general rule), read by its forms and kernels.
+    @property
+    def erase(self) -> bool:
+        return bool(self.params.get("erase", False))
+
+    @property
+    def gate(self) -> str | None:
+        return self.params.get("gate")
+
+    @property
+    def gate_optional(self) -> bool:
+        return any(a.optional for a in self.args if a.log_decay)
+
+    @property
+    def has_beta(self) -> bool:
+        return "beta" in self.arg_names
+
+
+def step_shape(template: str, rows: bool) -> str:
+    """The one-token layout of a sequence template: ``B -> N``, ``T`` dropped, ``R -> n``
+    where a token has several rows (DeltaProduct) and dropped otherwise."""
+    dims = [d.strip() for d in template.strip("[]").split(",")]
+    out = []
+    for d in dims:
+        if d == "B":
+            out.append("N")
+        elif d == "T" or (d == "R" and not rows):
+            continue
+        elif d == "R":
+            out.append("n")
+        else:
+            out.append(d)
+    return "[" + ", ".join(out) + "]"
+
+
+def dims_of(template: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in template.strip("[]").split(","))
+
+
+def _param_doc(name: str, shapes: list[str], doc: str) -> str:
+    lines = [line.strip() for line in doc.strip().splitlines()] or [""]
+    shown = " or ".join(f"``{s}``" for s in shapes)
+    return f"    {name} : array\n        {shown} " + "\n        ".join(lines)
+
+
+def parameters_doc(rule: Rule, *, step: bool) -> str:
+    """The numpydoc ``Parameters`` entries of the rule's arrays and options, from the
+    description (``R`` shown as ``T``, or ``T * n`` for a rule with several rows per token)."""
+    rows = "num_householder" in rule.option_names
+    entries = []
+    for a in rule.arrays:
+        if step:
+            shapes = [step_shape(s, rows) for s in a.shapes]
+        else:
+            shapes = [s.replace("R", "T * n" if rows else "T") for s in a.shapes]
+        entries.append(_param_doc(a.name, shapes, a.doc))
+    for o in rule.options:
+        if step and not o.step:
+            continue
+        text = (o.step_doc or o.doc) if step else o.doc
+        body = "\n".join("        " + line.strip() for line in text.strip().splitlines())
+        entries.append(f"    {o.name} : {o.annotation}\n{body}")
+    return "\n".join(entries)

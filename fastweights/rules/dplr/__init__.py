@@ -1,0 +1,116 @@
+"""The DPLR family: a diagonal-plus-low-rank transition of the state (RULES2.md section 1).
+
+Per value head, with ``alpha_t = exp(gk_t)``::
+
+    S_t = (Diag(alpha_t) + b_t a_t^T) S_{t-1} + k_t v_t^T,    o_t = S_t^T (scale q_t)
+
+``a`` reads the old state, ``b`` writes; both the decay and the low-rank term act on the
+undecayed ``S_{t-1}``. ``iplr`` (no decay) and ``rwkv7`` (RWKV-7's parametrisation) are
+instances: validation rewrites them to ``dplr`` before dispatch. Forms: :mod:`.recurrent`
+(the definition) and :mod:`.chunk` (the WY/UT chunk form). A per-key-channel decay has no
+attention-like parallel form.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._rule import Arg, Rule
+from ._layout import prepare
+from .iplr import IPLR
+from .recurrent import recurrent
+
+if TYPE_CHECKING:
+    from ..._validate import Call
+
+_VECTOR = "per value head; "
+
+DPLR = Rule(
+    "dplr",
+    "dplr",
+    "S_t = Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T",
+    (
+        Arg(
+            "a",
+            "[B, T, HV, K]",
+            "the vector that reads the old state (``a_t^T S_{t-1}``).",
+            sample="removal",
+        ),
+        Arg("b", "[B, T, HV, K]", "the vector that writes what ``a`` read.", sample="unit"),
+        Arg(
+            "gk",
+            "[B, T, HV, K]",
+            "log-decay per key channel, ``<= 0``; ``-inf`` zeroes that row of the decayed "
+            "part only (the low-rank term still reads the old state). None: no decay.",
+            log_decay=True,
+            optional=True,
+        ),
+    ),
+    ("recurrent", "chunk"),
+    no_form={"parallel": "a per-key-channel decay has no attention-like parallel form"},
+    flops=8,
+    title="The generalized delta rule: a diagonal-plus-low-rank transition of the state.",
+    doc="""\
+        ``S_t = Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``,
+        ``o_t = S_t^T q~_t``. ``a`` reads the old state, ``b`` writes; the decay and the
+        low-rank term both act on the undecayed ``S_{t-1}`` (fla's ``chunk_dplr_delta_rule``
+        with its ``a``, ``b``; fla's docstrings write the value-first transpose). There is no
+        ``beta``: a write strength goes into ``v``. The gated delta rule is the case
+        ``gk = g``, ``a = -beta exp(g) k``, ``b = k``, ``v <- beta v``. The transition is not
+        contractive in general (docs/rules/dplr.md). It has no parallel form.""",
+    example="""\
+        >>> import numpy as np, fastweights
+        >>> rng = np.random.default_rng(0)
+        >>> q, k, v = (rng.standard_normal((1, 6, 1, 4)) for _ in range(3))
+        >>> k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+        >>> beta, g = rng.random((1, 6, 1, 1)), -rng.random((1, 6, 1, 1))
+        >>> a, gk = -beta * np.exp(g) * k, np.broadcast_to(g, k.shape)
+        >>> o, _ = fastweights.dplr(q, k, beta * v, a, k, gk)
+        >>> o_gdr, _ = fastweights.gated_delta_rule(q, k, v, g[..., 0], beta[..., 0])
+        >>> bool(np.allclose(o, o_gdr))
+        True""",
+    step_title="One token of :func:`fastweights.dplr`: "
+    "``S = Diag(exp(gk)) S + b (a^T S) + k v^T``, then ``o = S^T (scale q)``.",
+    step_example="""\
+        >>> import numpy as np, fastweights
+        >>> rng = np.random.default_rng(0)
+        >>> q, k, v, a, b = (rng.standard_normal((2, 1, 4)) for _ in range(5))
+        >>> gk = -rng.random((2, 1, 4))
+        >>> pool = rng.standard_normal((2, 1, 4, 4))
+        >>> S0 = pool[0, 0].copy()
+        >>> o, pool = fastweights.step.dplr(q, k, v, a, b, gk, pool, scale=1.0)
+        >>> want = np.exp(gk[0, 0])[:, None] * S0 + np.outer(b[0, 0], a[0, 0] @ S0)
+        >>> bool(np.allclose(pool[0, 0], want + np.outer(k[0, 0], v[0, 0])))
+        True""",
+)
+
+RULES = (DPLR, IPLR)
+"""The family's rules, registered by :mod:`fastweights._ops`."""
+
+
+def form_unavailable(call: Call, form: str) -> str | None:
+    """Every DPLR call has the rule's forms."""
+    return None
+
+
+def auto_form(call: Call) -> str:
+    """The form ``"auto"`` picks on the reference backend: the recurrent one.
+
+    With per-key-channel decays the chunk form's elementwise scores cost more than the
+    recurrent loop on NumPy (docs/forms.md: 0.30 s vs 0.08 s at T=2048, H=4, K=V=64,
+    float32, 2-core VM); the chunk form stays for namespaces whose matrix products are fast
+    and for ``form="chunk"``.
+    """
+    return "recurrent"
+
+
+def run(call: Call, form: str) -> tuple[Any, Any]:
+    """``(o, final_state)`` of a sequence call in ``form``."""
+    problem, finish = prepare(call)
+    if form == "recurrent":
+        o, state = recurrent(problem)
+    else:
+        from .chunk import chunk
+
+        o, state = chunk(problem, call.chunk_size)
+    return finish(o, state)
