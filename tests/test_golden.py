@@ -53,7 +53,7 @@ def _run(case: GoldenCase, backend: str, form: str, dtype: str) -> tuple[object,
 
 def test_manifest_lists_every_op() -> None:
     assert {c.op for c in CASES} == set(fastweights.testing.OPS)
-    assert len({c.name for c in CASES}) == len(CASES) == 33 + 5
+    assert len({c.name for c in CASES}) == len(CASES) == 33 + 8
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

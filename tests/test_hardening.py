@@ -140,8 +140,10 @@ def test_step_inputs_that_view_the_pool_are_read_first(name, backend):
         "g": S[:, :, 4, 0],
         "gk": S[:, :, 4, :],
         "beta": S[:, :, 5, 0],
+        "w": S[:, :, 4, :],
         "a": S[:, :, 6, :],
         "b": S[:, :, 7, :],
+        "kk": S[:, :, 7, :],
     }
     if op == "delta_product":
         views.update(k=S[:, None, :H, 1, :], v=S[:, None, :, 2, :], beta=S[:, None, :, 5, 0])

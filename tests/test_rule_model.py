@@ -87,7 +87,7 @@ def test_instances_name_a_parent_that_backends_implement() -> None:
         if rule.parent is not None:
             assert rule.parent in OPS and rule.to_parent is not None
             assert rule.name not in OPS
-    assert {r.name for r in RULES.values() if r.parent} == {"retention", "iplr"}
+    assert {r.name for r in RULES.values() if r.parent} == {"retention", "iplr", "rwkv7"}
 
 
 def _fake_rule(monkeypatch: pytest.MonkeyPatch) -> Rule:
@@ -130,7 +130,9 @@ def test_backend_tables_name_only_known_ops_and_forms(backend: str) -> None:
     assert set(b.step_ops) <= set(b.ops)
 
 
-@pytest.mark.parametrize(("op", "parent"), [("iplr", "dplr"), ("retention", "simple_gla")])
+@pytest.mark.parametrize(
+    ("op", "parent"), [("rwkv7", "dplr"), ("iplr", "dplr"), ("retention", "simple_gla")]
+)
 def test_instance_runs_on_a_backend_that_declares_only_its_parent(
     op: str, parent: str, plugins: object
 ) -> None:

@@ -162,7 +162,7 @@ def load_golden_cases() -> list[GoldenCase]:
     """Load the vendored golden cases (float64 inputs and expected outputs).
 
     The first wave's cases (``golden/``) and the forward cases of the second wave's ops that
-    fastweights has (``golden2/``).
+    fastweights has (``golden2/``: ``dplr``, ``iplr``, ``rwkv7``).
 
     Returns
     -------
@@ -176,8 +176,8 @@ def load_golden_cases() -> list[GoldenCase]:
     >>> case = next(c for c in cases if c.name == "delta_rule_basic")
     >>> case.op, case.o.shape
     ('delta_rule', (2, 67, 2, 24))
-    >>> sorted({c.op for c in cases if c.name.startswith(("dplr", "iplr"))})
-    ['dplr', 'iplr']
+    >>> sorted({c.op for c in cases if c.name.startswith(("dplr", "iplr", "rwkv7"))})
+    ['dplr', 'iplr', 'rwkv7']
     """
     cases = []
     for folder in ("golden", "golden2"):
@@ -312,6 +312,16 @@ def random_call(
         arrays["b"] = d
         if op == "dplr":
             arrays["gk"] = gate(per_key)
+    if op == "rwkv7":
+        if gates in ("normal", "reset"):
+            arrays["w"] = -np.exp(-0.5) / (1.0 + np.exp(-rng.standard_normal(per_key)))
+            if gates == "reset":
+                arrays["w"][rng.uniform(size=per_key) < 0.05] = -np.inf
+        else:
+            arrays["w"] = gate(per_key)
+        kk = rng.standard_normal(per_key)
+        arrays["kk"] = kk / np.linalg.norm(kk, axis=-1, keepdims=True)
+        arrays["a"] = rng.uniform(0.05, 0.95, per_key)
     n_states = batch
     if seqlens is not None:
         arrays["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)

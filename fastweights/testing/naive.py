@@ -39,6 +39,7 @@ __all__ = [
     "kda",
     "linear_attn",
     "retention",
+    "rwkv7",
     "simple_gla",
 ]
 
@@ -409,3 +410,9 @@ def dplr(
 def iplr(q: Any, k: Any, v: Any, a: Any, b: Any, **common: Any) -> tuple[np.ndarray, Any]:
     """:func:`dplr` without decay."""
     return dplr(q, k, v, a, b, None, **common)
+
+
+def rwkv7(q: Any, k: Any, v: Any, w: Any, kk: Any, a: Any, **common: Any) -> tuple[np.ndarray, Any]:
+    """RWKV-7: :func:`dplr` with ``gk = w``, ``a = -kk``, ``b = kk * a``."""
+    kk = np.asarray(kk, dtype=np.float64)
+    return dplr(q, k, v, -kk, kk * np.asarray(a, dtype=np.float64), w, **common)

@@ -19,6 +19,7 @@ from .._rule import Arg, Rule
 from ._layout import prepare
 from .iplr import IPLR
 from .recurrent import recurrent
+from .rwkv7 import RWKV7
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -84,7 +85,7 @@ DPLR = Rule(
         True""",
 )
 
-RULES = (DPLR, IPLR)
+RULES = (DPLR, IPLR, RWKV7)
 """The family's rules, registered by :mod:`fastweights._ops`."""
 
 
