@@ -19,9 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fastweights.backends import Call
-
-L2NORM_EPS = 1e-6  # use_qk_l2norm: x / sqrt(sum(x**2) + 1e-6), as fastweights specifies
+# The toolkit of fastweights.backends: a backend imports nothing else from fastweights.
+from fastweights.backends import L2NORM_EPS, Call, gather_rows, write_rows
 
 
 class NumpyScanBackend:
@@ -36,6 +35,8 @@ class NumpyScanBackend:
         "gated_delta_rule": ("recurrent",),
     }
     step_ops = ("simple_gla", "gated_delta_rule")
+    # Optional, for people and tools reading the table; `rejects` is what declines a call.
+    dtypes = "float32, float64"
 
     def unavailable(self) -> str | None:
         # NumPy comes with fastweights: nothing can be missing. A backend with an optional
@@ -45,8 +46,9 @@ class NumpyScanBackend:
     def rejects(self, call: Call) -> str | None:
         # Only calls of the ops and forms listed above get here. Validation has checked that
         # the arrays share one namespace and device (not which) and have real floating dtypes.
-        arrays = (call.q, call.k, call.v, call.g, call.beta, call.initial_state, call.state_pool)
-        for x in arrays:
+        # `call.inputs` holds the op's arrays after q, k, v by name: g (and beta).
+        states = (call.initial_state, call.state_pool)
+        for x in (call.q, call.k, call.v, *call.inputs.values(), *states):
             if x is None:
                 continue
             if not isinstance(x, np.ndarray):
@@ -54,6 +56,10 @@ class NumpyScanBackend:
             if x.dtype not in (np.float32, np.float64):
                 return f"it runs float32 and float64 arrays only, got {x.dtype}"
         return None
+
+    def plan(self, call: Call) -> dict[str, Any]:
+        # Optional: what fastweights.plan and `python -m fastweights plan` report.
+        return {"form": "recurrent", "why": "the NumPy scan runs the recurrent form only"}
 
     def run(self, call: Call) -> tuple[Any, Any]:
         if call.initial_state is None:
@@ -65,13 +71,11 @@ class NumpyScanBackend:
 
     def step(self, call: Call) -> tuple[Any, Any]:
         # A step is the scan of one token (validation gives q, k, v, g, beta a T axis of 1)
-        # on the pool rows `state_indices`, which are written back in place.
-        pool, rows = call.state_pool, call.state_indices
-        if rows is None:  # batch row i uses pool row i
-            rows = slice(None)
-        state = pool[rows].astype(call.dtype)  # a copy, in the compute dtype
+        # on the pool rows `state_indices` (None: row i for batch row i), written back in place.
+        rows = gather_rows(call.xp, call.state_pool, call.state_indices)
+        state = rows.astype(call.dtype)  # a copy, in the compute dtype
         o = _scan_call(call, state)
-        pool[rows] = state  # cast back to the pool's own dtype
+        pool = write_rows(call.xp, call.state_pool, call.state_indices, state)  # pool's dtype
         return o[:, 0], pool
 
 
