@@ -194,10 +194,15 @@ def _chunk_steps(
     j0+nv``): ``v`` in through ``VS`` (zero-padded), ``o`` out through ``OS``. Step ``i``
     prefetches ``per`` lines of ``PFA`` from ``pf0 + i per``."""
     n = PFA.shape[0]
+    full = nv == VB
     for i in range(rc):
         vr = row(v, bb, t + i, hv, j0)
-        for j in range(nv):
-            VS[j] = vr[j]
+        if full:  # copies of a compile-time length: a few vector moves
+            for j in range(VB):
+                VS[j] = vr[j]
+        else:
+            for j in range(nv):
+                VS[j] = vr[j]
         p0 = min(pf0 + i * per, n)
         p1 = min(p0 + per, n)
         if RSF[i]:
@@ -205,8 +210,12 @@ def _chunk_steps(
         else:
             _step_pass(Sb, x, U, UN, VS, OS, i, AL, BP, KP, QP, AP, PFA, p0, p1)
         orow = row(o, bb, t + i, hv, j0)
-        for j in range(nv):
-            orow[j] = OS[j]
+        if full:
+            for j in range(VB):
+                orow[j] = OS[j]
+        else:
+            for j in range(nv):
+                orow[j] = OS[j]
 
 
 @_pass
