@@ -12,9 +12,12 @@ third-party plugin, and imports only what this module exports:
   (``Backend.ops``) and is never handed an op or a form it did not declare; an instance rule
   (``retention``, ``iplr``, ``rwkv7``) arrives as its parent;
 - the rules' constants (:data:`L2NORM_EPS`, :data:`NORMALIZE_EPS`, :data:`SUB_BLOCK`), and
-  :func:`cuda_defines` to pass them to CUDA sources;
-- helpers: :func:`gather_rows` / :func:`write_rows` (decoding pools of any namespace) and
-  :func:`to_host_ints` (integer array-likes of any namespace on the host).
+  :func:`cuda_defines` / :func:`cuda_macros` to pass them to CUDA sources;
+- helpers: :func:`gather_rows` / :func:`write_rows` (decoding pools of any namespace),
+  :func:`to_host_ints` (integer array-likes of any namespace on the host), and the per-user
+  folder of compiled kernels (:func:`kernel_cache_dir`, :func:`numba_checked`);
+- :data:`FAMILIES`, the rule families' packages (problem preparation and Array API forms),
+  which the ``reference`` backend runs.
 
 Examples
 --------
@@ -23,13 +26,15 @@ Examples
 ('recurrent',)
 """
 
-from fastweights._constants import L2NORM_EPS, NORMALIZE_EPS, SUB_BLOCK, cuda_defines
-from fastweights._ops import FORMS, OPS, RULES, Arg, Rule
+from fastweights._constants import L2NORM_EPS, NORMALIZE_EPS, SUB_BLOCK, cuda_defines, cuda_macros
+from fastweights._kernel_cache import kernel_cache_dir, numba_checked
+from fastweights._ops import FAMILIES, FORMS, OPS, RULES, Arg, Rule
 from fastweights._pool import gather_rows, write_rows
 from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
 from fastweights._validate import Call, to_host_ints
 
 __all__ = [
+    "FAMILIES",
     "FORMS",
     "L2NORM_EPS",
     "NORMALIZE_EPS",
@@ -42,9 +47,12 @@ __all__ = [
     "Call",
     "Rule",
     "cuda_defines",
+    "cuda_macros",
     "gather_rows",
     "get_backend",
+    "kernel_cache_dir",
     "list_backends",
+    "numba_checked",
     "to_host_ints",
     "write_rows",
 ]

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fastweights._ops import FAMILIES, OPS
-from fastweights._pool import gather_rows, write_rows
-from fastweights._validate import Call
+from fastweights.backends import FAMILIES, OPS, Call, gather_rows, write_rows
 
 
 class ReferenceBackend:
@@ -32,12 +30,10 @@ class ReferenceBackend:
         """The form and chunk size this backend runs ``call`` with, and why."""
         if call.is_step:
             return {"form": "recurrent", "why": "one token is one recurrent step"}
-        family = FAMILIES[call.spec.family]
         if call.form != "auto":
             form, why = call.form, "asked for"
         else:
-            form = family.auto_form(call)
-            why = (family.auto_form.__doc__ or "").strip().splitlines()[0]
+            form, why = FAMILIES[call.spec.family].auto_form(call)
         plan: dict[str, Any] = {"form": form, "why": why}
         if form == "chunk":
             plan["chunk_size"] = call.chunk_size
@@ -45,7 +41,7 @@ class ReferenceBackend:
 
     def run(self, call: Call) -> tuple[Any, Any]:
         family = FAMILIES[call.spec.family]
-        form = family.auto_form(call) if call.form == "auto" else call.form
+        form = family.auto_form(call)[0] if call.form == "auto" else call.form
         return family.run(call, form)
 
     def step(self, call: Call) -> tuple[Any, Any]:

@@ -264,12 +264,12 @@ def _run_plan(args: argparse.Namespace) -> int:
         return 2
     what = "one step of" if args.step else "a call of"
     print(f"{what} {args.op} (runs as {p.op}), B={B} T={T} H={H} K={K} V={V} {args.dtype}")
-    print(f"  backend  {p.backend}")
+    print(f"  backend    {p.backend}")
     for name, why in p.passed_over.items():
-        print(f"           not {name}: {why}")
-    print(f"  form     {p.form}: {p.why}")
+        print(f"             not {name}: {why}")
+    print(f"  form       {p.form}: {p.why}")
     for name, value in p.params.items():
-        print(f"  {name:<8} {value}")
+        print(f"  {name:<10} {value}")
     return 0
 
 

@@ -18,6 +18,11 @@ chunk forms: each block measures its decays from its own first row, so no factor
 while the decay over one block stays above ``exp(-88 / 16)`` per step in float32."""
 
 
+def cuda_macros() -> tuple[tuple[str, str], ...]:
+    """The constants as ``(name, value)`` preprocessor definitions of the CUDA sources."""
+    return (("FW_L2NORM_EPS", repr(L2NORM_EPS)), ("FW_NORMALIZE_EPS", repr(NORMALIZE_EPS)))
+
+
 def cuda_defines() -> tuple[str, ...]:
     """The constants as NVRTC options, e.g. ``-DFW_L2NORM_EPS=1e-06``."""
-    return (f"-DFW_L2NORM_EPS={L2NORM_EPS!r}", f"-DFW_NORMALIZE_EPS={NORMALIZE_EPS!r}")
+    return tuple(f"-D{name}={value}" for name, value in cuda_macros())

@@ -77,14 +77,14 @@ def cache_root() -> Path:
 
 
 def _kernel_sources() -> list[Path]:
-    """The files whose code the numba kernels compile: the backend's modules and the core
-    modules they import from (whose constants numba freezes into the kernels)."""
+    """The files whose code the numba kernels compile: the backend's modules, the core modules
+    they import from, and the rules' constants (which numba freezes into the kernels)."""
     here = Path(__file__).resolve().parent
     import fastweights.backends as backends
 
     folder = Path(next(iter(backends.__path__))) / "numba"
     own = sorted(folder.glob("*.py"))
-    core: set[Path] = set()
+    core: set[Path] = {here / "_constants.py"}
     for path in own:
         try:
             text = path.read_text(encoding="utf-8")

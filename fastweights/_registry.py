@@ -244,7 +244,8 @@ def _choose(call: Call, requested: str | None) -> tuple[Backend, dict[str, str]]
         b = get_backend(explicit)
         reason = _can_run(b, call)
         if reason:
-            raise TypeError(f"backend {explicit!r} cannot run this {call.op} call: {reason}")
+            what = call.op if call.called in ("", call.op) else f"{call.called} ({call.op})"
+            raise TypeError(f"backend {explicit!r} cannot run this {what} call: {reason}")
         return b, {}
     backends = _load()
     order = sorted(backends.values(), key=lambda b: -b.priority)

@@ -78,6 +78,8 @@ class Call:
     """Decoding: the pool ``[P, HV, K, V]`` (a pair for normalised linear attention)."""
     state_indices: np.ndarray | None = None
     """Decoding: host int64 rows of the pool, distinct and in range; None means arange(N)."""
+    called: str = ""
+    """The op the user called, when it is an instance rewritten to ``op`` (``rwkv7``)."""
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not fields: the arrays of some rule.
@@ -516,6 +518,7 @@ def validate(
     parent, arrays = _to_parent(rule, xp, named)
     call = Call(
         op=parent.name,
+        called=op,
         spec=parent,
         xp=xp,
         device=dev,
@@ -667,6 +670,7 @@ def validate_step(
     parent, arrays = _to_parent(rule, xp, named)
     return Call(
         op=parent.name,
+        called=op,
         spec=parent,
         xp=xp,
         device=dev,

@@ -205,8 +205,8 @@ def test_sources_digest_covers_every_kernel_module() -> None:
     paths = kc._kernel_sources()
     names = {p.name for p in paths}
     assert {"_jit.py", "_passes.py", "recurrent.py", "chunk.py", "step.py", "_layout.py"} <= names
-    # The core module whose constant (L2NORM_EPS) numba freezes into the kernels.
-    assert any(p.parts[-2:] == ("rules", "_layout.py") for p in paths)
+    # The core module whose constants (L2NORM_EPS, SUB_BLOCK) numba freezes into the kernels.
+    assert any(p.parts[-2:] == ("fastweights", "_constants.py") for p in paths)
 
 
 # ---------------------------------------------------------------------------- warmup

@@ -68,8 +68,8 @@ def _noncontiguous(call: Call) -> Call:
         out["q"] = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
         out["k"] = np.repeat(k, 2, axis=-1)[..., ::2]
     out["v"] = np.ascontiguousarray(a["v"].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
-    for name in ("g", "gk"):
-        if name in a:
+    for name in a:
+        if name not in ("q", "k", "v", "beta", "initial_state", "cu_seqlens"):
             out[name] = np.flip(np.flip(a[name], 1).copy(), 1)  # negative strides
     if "beta" in a:
         out["beta"] = np.repeat(a["beta"], 2, axis=-1)[..., ::2]

@@ -226,3 +226,27 @@ def test_cuda_mode_and_flag_bits_match_python() -> None:
         "HAS_ZT": _launch.HAS_ZT,
     }
     assert {name: int(value) for name, value in enums.items()} == python
+
+
+def test_backends_import_only_the_public_toolkit() -> None:
+    """The built-in backends use ``fastweights.backends`` as a plugin would: no private
+    module of the core (``fastweights._*``, ``fastweights.rules._*``)."""
+    root = resources.files("fastweights.backends")
+    private = re.compile(r"^\s*(from|import) fastweights\.(_|rules\._)", re.M)
+    offenders = []
+    for path in _python_files(root):
+        if path.name == "__init__.py" and path.parent.name == "backends":
+            continue  # the toolkit itself re-exports the core
+        if private.search(path.read_text()):
+            offenders.append(path.name)
+    assert offenders == []
+
+
+def _python_files(folder: object) -> list:  # type: ignore[type-arg]
+    out = []
+    for entry in folder.iterdir():  # type: ignore[attr-defined]
+        if entry.is_dir():
+            out.extend(_python_files(entry))
+        elif entry.name.endswith(".py"):
+            out.append(entry)
+    return out

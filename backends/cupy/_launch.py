@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from fastweights._constants import cuda_defines
+from fastweights.backends import cuda_defines
 
 from . import MAX_K
 
 OPTIONS = ("-std=c++17", *cuda_defines())
 """NVRTC options of every module (the emulator ignores those without a CPU meaning); the
-rules' constants come from :mod:`fastweights._constants` as ``-D`` definitions."""
+rules' constants come from :func:`fastweights.backends.cuda_defines` as ``-D`` definitions."""
 
 _SOURCES = ("common.cuh", "recurrent.cu")
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from numba import config, njit
 
-from fastweights._kernel_cache import kernel_cache_dir, numba_checked
+from fastweights.backends import kernel_cache_dir, numba_checked
 
 FASTMATH = {"contract"}
 FASTMATH_REDUCE = {"contract", "reassoc"}

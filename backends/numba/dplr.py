@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from fastweights._validate import Call
-from fastweights.rules._layout import L2NORM_EPS
+from fastweights.backends import L2NORM_EPS, Call
 
 from ._jit import address, jit, prefer_512, prefetch_at, row
 from ._layout import (

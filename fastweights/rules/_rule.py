@@ -30,6 +30,13 @@ class Arg:
 
     ``shape`` is a template such as ``"[B, T, HV, K]"``; ``shapes`` lists alternatives (beta
     per head or per value). A ``log_decay`` argument is a gate: its values must be ``<= 0``.
+
+    Examples
+    --------
+    >>> from fastweights.backends import RULES
+    >>> beta = RULES["gated_delta_rule"].args[1]
+    >>> beta.name, beta.shapes, beta.log_decay
+    ('beta', ('[B, R, HV]', '[B, R, HV, V]'), False)
     """
 
     name: str

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .._ops import RULES
 from ._cases import OPS, Call, GoldenCase, load_golden_cases, random_call, run_steps, token_arrays
 from ._tolerance import assert_close, relative_rms, to_namespace, to_numpy, tolerance
 
@@ -362,8 +363,12 @@ class _Suite:
 
 
 def _implemented_as(op: str) -> str:
-    """The op a backend implements for ``op`` (``retention`` is ``simple_gla``)."""
-    return "simple_gla" if op == "retention" else op
+    """The op a backend implements for ``op``: an instance rule's parent (``retention`` is
+    ``simple_gla``, ``iplr`` and ``rwkv7`` are ``dplr``)."""
+    rule = RULES[op]
+    while rule.parent is not None:
+        rule = RULES[rule.parent]
+    return rule.name
 
 
 def _with(call: Call, **arrays: Any) -> Call:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from fastweights.backends import cuda_macros
 from fastweights.backends.cupy import _launch as L
 
 pytestmark = pytest.mark.cuda_compile
@@ -84,7 +85,9 @@ def _compile(arch: str, tin: str, compute: str) -> dict[str, dict[str, int]]:
     if path.exists():
         return dict(json.loads(path.read_text()))
     log = io.StringIO()
-    options = ProgramOptions(arch=arch, std="c++17", ptxas_options=["-v"])
+    options = ProgramOptions(
+        arch=arch, std="c++17", ptxas_options=["-v"], define_macro=list(cuda_macros())
+    )
     obj = Program(L.source(), "c++", options=options).compile(
         "cubin", name_expressions=names, logs=log
     )

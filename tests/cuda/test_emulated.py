@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import implemented_as
 
 import fastweights
+import fastweights.rules.delta
 import fastweights.step
+from fastweights.backends import get_backend
 from fastweights.testing import (
     assert_close,
     check_backend,
@@ -39,7 +42,7 @@ pytestmark = [
 ]
 
 HERE = Path(__file__).resolve().parent
-GOLDEN = load_golden_cases()
+GOLDEN = [c for c in load_golden_cases() if implemented_as(c.op) in get_backend("cupy").ops]
 
 
 def _run(call, **kw):
@@ -174,8 +177,9 @@ def test_backend_contract_without_gpu(monkeypatch):
 
     monkeypatch.delenv("FASTWEIGHTS_CUDA_EMULATE", raising=False)
     info = next(b for b in list_backends() if b.name == "cupy")
-    assert info.ops == {op: ("recurrent",) for op in fastweights._ops.OPS}
-    assert set(info.step_ops) == set(fastweights._ops.OPS)
+    first_wave = {rule.name for rule in fastweights.rules.delta.RULES if rule.parent is None}
+    assert info.ops == {op: ("recurrent",) for op in first_wave}
+    assert set(info.step_ops) == first_wave
     assert info.priority > next(b.priority for b in list_backends() if b.name == "reference")
     call = random_call("delta_rule", length=2)
     args, kwargs = call.arguments()
@@ -203,7 +207,7 @@ def _half_module():
         }
         """
     )
-    return RawModule(src, ("-std=c++17",)).get_function("half_io")
+    return RawModule(src, _launch.OPTIONS).get_function("half_io")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -269,6 +273,8 @@ from fastweights.testing import assert_close, load_golden_cases, random_call, ru
 CASES, SHAPES = (slice(None), ((5, 40), (100, 33))) if sys.argv[1] == "address" else (
     slice(8, 11), ((5, 40),))
 for case in load_golden_cases()[CASES]:
+    if case.op not in fastweights.backends.get_backend("cupy").ops:
+        continue
     c = case.cast(np.float32)
     o, s = c.run(getattr(fastweights, c.op), output_final_state=case.has_final_state,
                  backend="cupy")

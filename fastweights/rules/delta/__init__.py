@@ -38,8 +38,8 @@ def form_unavailable(call: Call, form: str) -> str | None:
     return None
 
 
-def auto_form(call: Call) -> str:
-    """The form ``"auto"`` picks on the reference backend.
+def auto_form(call: Call) -> tuple[str, str]:
+    """The form ``"auto"`` picks on the reference backend, and why.
 
     The chunk form (matrix products over all chunks at once) wherever the call has it, except
     for per-key-channel decays (``gla``, ``kda``): their elementwise diagonal blocks make the
@@ -47,11 +47,14 @@ def auto_form(call: Call) -> str:
     H=4, K=V=128: gla 8.3k vs 8.1k tokens/s, kda 4.5k vs 7.6k; K=V=64: gla 16k vs 26k, kda 8.7k
     vs 24k; docs/forms.md has the same comparison from the latest run).
     """
-    if form_unavailable(call, "chunk") or call.spec.gate == "gk":
-        return "recurrent"
+    unavailable = form_unavailable(call, "chunk")
+    if unavailable:
+        return "recurrent", f"no chunk form for this call: {unavailable}"
+    if call.spec.gate == "gk":
+        return "recurrent", "per-key-channel decays make the chunk form slower on NumPy"
     if call.T * call.num_householder <= 1:
-        return "recurrent"
-    return "chunk"
+        return "recurrent", "one step"
+    return "chunk", "matrix products over every chunk at once"
 
 
 def run(call: Call, form: str) -> tuple[Any, Any]:

@@ -94,15 +94,19 @@ def form_unavailable(call: Call, form: str) -> str | None:
     return None
 
 
-def auto_form(call: Call) -> str:
-    """The form ``"auto"`` picks on the reference backend: the recurrent one.
+def auto_form(call: Call) -> tuple[str, str]:
+    """The form ``"auto"`` picks on the reference backend, and why: recurrent with a decay,
+    chunk without.
 
     With per-key-channel decays the chunk form's elementwise scores cost more than the
-    recurrent loop on NumPy (docs/forms.md: 0.30 s vs 0.08 s at T=2048, H=4, K=V=64,
-    float32, 2-core VM); the chunk form stays for namespaces whose matrix products are fast
-    and for ``form="chunk"``.
+    recurrent loop on NumPy (2.2-3.8x at T=2048, H=4, K=V=64 and 128); without a decay
+    (``iplr``) the chunk form is 1.7-2.6x faster (docs/forms.md, 2-core VM).
     """
-    return "recurrent"
+    if call.T <= 1:
+        return "recurrent", "one step"
+    if call.gk is not None:
+        return "recurrent", "per-key-channel decays make the chunk form slower on NumPy"
+    return "chunk", "no decay: matrix products over every chunk at once"
 
 
 def run(call: Call, form: str) -> tuple[Any, Any]:
