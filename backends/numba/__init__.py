@@ -76,37 +76,10 @@ class NumbaBackend:
         return None
 
     def plan(self, call: Call) -> dict[str, Any]:
-        """The form, chunk size and threads this backend runs ``call`` with, and why.
+        """The form, chunk size and threads ``run`` and ``step`` use for ``call``, and why."""
+        from ._plan import plan
 
-        The same choices ``run`` and ``step`` make (see ``docs/numba.md``): the recurrent form
-        unless another is asked for, chunks of ``min(chunk_size, 1024, longest sequence)``
-        rows, one thread per ``2**20`` state-element updates up to the task count.
-        """
-        from ._layout import sequences, threads_for
-        from ._passes import VB
-
-        seq_b, t0, t1 = sequences(call)
-        rows = (t1 - t0) * call.num_householder
-        V = call.V + (1 if call.normalize else 0)
-        work = int(rows.sum()) * call.HV * call.K * V
-        form = "recurrent" if call.form == "auto" or call.is_step else call.form
-        plan: dict[str, Any] = {"form": form}
-        if call.is_step:
-            plan["why"] = "one token: the step kernel updates the pool rows in place"
-        elif call.form == "auto":
-            plan["why"] = "the fused recurrent pass is the fastest form on CPUs (docs/numba.md)"
-        else:
-            plan["why"] = "asked for"
-        tasks = seq_b.shape[0] * call.HV
-        if form == "chunk":
-            from .chunk import MAX_CHUNK
-
-            longest = int(rows.max()) if rows.size else 1
-            plan["chunk_size"] = max(1, min(call.chunk_size, MAX_CHUNK, longest))
-        else:
-            tasks *= -(-V // VB)
-        plan["threads"] = threads_for(work, tasks)
-        return plan
+        return plan(call)
 
     def run(self, call: Call) -> tuple[Any, Any]:
         from ._driver import run

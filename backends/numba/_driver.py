@@ -20,18 +20,12 @@ from ._layout import (
     launch,
     sequences,
     tasks,
-    threads_for,
     uniform_tasks,
     unit_last,
 )
-from ._passes import VB
+from ._plan import plan
 from .recurrent import recurrent_kernel
 from .step import step_kernel
-
-
-def auto_form(call: Call) -> str:
-    """The form ``form="auto"`` runs (see ``docs/numba.md`` for the measurements)."""
-    return "recurrent"
 
 
 def _initial(call: Call, dt: np.dtype) -> np.ndarray | None:
@@ -53,12 +47,12 @@ def _recurrent(
     in_rows: np.ndarray,
     state_out: np.ndarray | None,
     out_rows: np.ndarray,
+    n: int,
 ) -> np.ndarray:
-    """Run the recurrent kernel; returns ``o [B, T, HV, V']`` in the compute dtype."""
+    """Run the recurrent kernel on ``n`` threads; returns ``o [B, T, HV, V']`` in the compute
+    dtype."""
     dt = a.v.dtype
     seq_b, t0, t1 = sequences(call)
-    work = int((t1 - t0).sum()) * a.n_sub * call.HV * call.K * a.V
-    n = threads_for(work, seq_b.shape[0] * call.HV * -(-a.V // VB))
     if call.cu_seqlens is None:
         ts, th, tv0, tv1 = uniform_tasks(call.B, call.T, call.HV, a.V, n)
     else:
@@ -84,8 +78,11 @@ def _chunk(
     in_rows: np.ndarray,
     state_out: np.ndarray | None,
     out_rows: np.ndarray,
+    n: int,
+    chunk_size: int,
 ) -> np.ndarray:
-    """Run the chunk-form kernel; returns ``o [B, T, HV, V']`` in the compute dtype."""
+    """Run the chunk-form kernel on ``n`` threads; returns ``o [B, T, HV, V']`` in the compute
+    dtype."""
     from .chunk import chunk_kernel
 
     dt = a.v.dtype
@@ -95,8 +92,7 @@ def _chunk(
     ts = np.repeat(np.arange(N, dtype=np.int64), HV)[order]
     th = np.tile(np.arange(HV, dtype=np.int64), N)[order]
     o = np.empty((call.B, call.T, HV, a.V), dtype=dt)
-    work = int((t1 - t0).sum()) * a.n_sub * HV * call.K * a.V
-    with launch(threads_for(work, N * HV)):
+    with launch(n):
         call_kernel(
             chunk_kernel,
             a.q, a.k, a.v, a.gate, a.beta,
@@ -105,7 +101,7 @@ def _chunk(
             o, seq_b, t0, t1, ts, th,
             a.n_sub, a.G, a.gate_kind, a.erase,
             state_in is not None, state_out is not None, a.l2norm, a.scale,
-            int(call.chunk_size),
+            int(chunk_size),
         )  # fmt: skip
     return o
 
@@ -126,17 +122,18 @@ def run(call: Call) -> tuple[Any, Any]:
         from .dplr import run as run_dplr
 
         return run_dplr(call)
-    form = auto_form(call) if call.form == "auto" else call.form
+    chosen = plan(call)
     a = kernel_args(call)
     dt = a.v.dtype
     rows = np.arange(call.N, dtype=np.int64)
     final = None
     if call.output_final_state:
         final = np.empty((call.N, call.HV, call.K, a.V), dtype=dt)
-    if form == "chunk":
-        o = _chunk(call, a, _initial(call, dt), rows, final, rows)
+    n = chosen["threads"]
+    if chosen["form"] == "chunk":
+        o = _chunk(call, a, _initial(call, dt), rows, final, rows, n, chosen["chunk_size"])
     else:
-        o = _recurrent(call, a, _initial(call, dt), rows, final, rows)
+        o = _recurrent(call, a, _initial(call, dt), rows, final, rows, n)
     return _finish_o(call, o), (None if final is None else _split_state(call, final))
 
 
@@ -160,8 +157,7 @@ def step(call: Call) -> tuple[Any, Any]:
     rows = np.arange(call.N, dtype=np.int64) if idx is None else idx
     if not call.normalize and pool.dtype == dt and unit_last(pool):
         o = np.empty((call.N, 1, call.HV, a.V), dtype=dt)
-        work = call.N * a.n_sub * call.HV * call.K * a.V
-        n = threads_for(work, call.N * call.HV * -(-a.V // VB))
+        n = plan(call)["threads"]
         ts, th, tv0, tv1 = uniform_tasks(call.N, 1, call.HV, a.V, n)
         with launch(n):
             call_kernel(
@@ -179,7 +175,7 @@ def step(call: Call) -> tuple[Any, Any]:
     state = np.ascontiguousarray(state)
     seq_rows = np.arange(call.N, dtype=np.int64)
     final = np.empty(state.shape, dtype=dt)
-    o = _recurrent(call, a, state, seq_rows, final, seq_rows)
+    o = _recurrent(call, a, state, seq_rows, final, seq_rows, plan(call)["threads"])
     parts = _split_state(call, final)
     for p, new in zip(pools, parts if call.normalize else (parts,), strict=True):
         p[rows] = new

@@ -48,12 +48,12 @@ from ._layout import (
     launch,
     sequences,
     tasks,
-    threads_for,
     uniform_tasks,
     unit_last,
 )
 from ._math import UNDERFLOW, UNDERFLOW32, _poly_f32, _poly_f64, _reduce_f32, _reduce_f64
 from ._passes import VB, _prefetch_row
+from ._plan import plan
 
 TC = 16
 """Steps whose per-step vectors are prepared together."""
@@ -588,18 +588,13 @@ def _launch(
     return o
 
 
-def _work(tokens: int, call: Call) -> int:
-    # Two state-element updates' worth per element and step (the pass does 5 vector ops).
-    return 2 * tokens * call.HV * call.K * call.V
-
-
 def run(call: Call) -> tuple[Any, Any]:
     """``(o, final_state)`` of a ``dplr`` sequence call (recurrent form)."""
     inputs = _inputs(call)
     dt = inputs[2].dtype
     seq = sequences(call)
-    seq_b, t0, t1 = seq
-    n = threads_for(_work(int((t1 - t0).sum()), call), seq_b.shape[0] * call.HV * -(-call.V // VB))
+    _, t0, t1 = seq
+    n = plan(call)["threads"]
     if call.cu_seqlens is None:
         task_list = uniform_tasks(call.B, call.T, call.HV, call.V, n)
     else:
@@ -627,7 +622,7 @@ def step(call: Call) -> tuple[Any, Any]:
     N = call.N
     rows = np.arange(N, dtype=np.int64) if call.state_indices is None else call.state_indices
     seq = (np.arange(N, dtype=np.int64), np.zeros(N, np.int64), np.ones(N, np.int64))
-    n = threads_for(_work(N, call), N * call.HV * -(-call.V // VB))
+    n = plan(call)["threads"]
     task_list = uniform_tasks(N, 1, call.HV, call.V, n)
     if pool.dtype == dt and unit_last(pool):
         o = _launch(call, inputs, pool, rows, pool, rows, seq, task_list, n)
