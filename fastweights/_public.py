@@ -49,7 +49,8 @@ def _signature(rule: Rule, *, step: bool) -> tuple[list[str], list[tuple[str, st
 
 def _docstring(rule: Rule, common: str, *, step: bool) -> str:
     if step:
-        title = rule.step_title or f"One token of :func:`fastweights.{rule.name}`."
+        default = f"One token of :func:`fastweights.{rule.name}`: ``{rule.update}``."
+        title = rule.step_title or default
         parts = [title, inspect.cleandoc(rule.step_doc)]
         example = rule.step_example
     else:

@@ -311,7 +311,7 @@ def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
 def _check_state(
     name: str,
     state: Any,
-    op: str,
+    rule: Rule,
     normalize: bool,
     rows: int,
     HV: int,
@@ -319,24 +319,30 @@ def _check_state(
     V: int,
     rows_label: str,
 ) -> dict[str, Any]:
-    """Shapes of a state (or state pool); returns its arrays by name for the dtype check."""
-    if normalize:
-        if not isinstance(state, tuple | list) or len(state) != 2:
+    """Shapes of a state (or state pool) against the rule's state layout (one array, or a
+    tuple such as ``(S, z)``); returns its arrays by name for the dtype check."""
+    layout = rule.state_layout(normalize=normalize)
+    sizes = {"N": rows, "HV": HV, "K": K, "V": V}
+    labels = {"N": rows_label}
+    if len(layout) > 1:
+        names = ", ".join(a.name for a in layout)
+        if not isinstance(state, tuple | list) or len(state) != len(layout):
+            options = "(normalize=True)" if normalize else ""
             raise TypeError(
-                f"{name} of linear_attn(normalize=True) must be the pair (S, z), "
+                f"{name} of {rule.name}{options} must be the tuple ({names}), "
                 f"got {type(state).__name__}"
             )
-        S, z = state
-        _namespace(f"{name}[0]", S)
-        _namespace(f"{name}[1]", z)
-        _check_shape(f"{name}[0]", S, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
-        _check_shape(f"{name}[1]", z, (rows, HV, K), f"[{rows_label}, HV, K]")
-        return {f"{name}[0]": S, f"{name}[1]": z}
+        out = {}
+        for i, (arg, x) in enumerate(zip(layout, state, strict=True)):
+            _namespace(f"{name}[{i}]", x)
+            _check_template(f"{name}[{i}]", x, arg.shapes, sizes, labels)
+            out[f"{name}[{i}]"] = x
+        return out
     if isinstance(state, tuple | list):
-        raise TypeError(f"{name} must be an array for {op}, got a {type(state).__name__}")
+        raise TypeError(f"{name} must be an array for {rule.name}, got a {type(state).__name__}")
     if type(state) is not np.ndarray:
         _namespace(name, state)
-    _check_shape(name, state, (rows, HV, K, V), f"[{rows_label}, HV, K, V]")
+    _check_template(name, state, layout[0].shapes, sizes, labels)
     return {name: state}
 
 
@@ -501,7 +507,7 @@ def validate(
     N = B if cu is None else int(cu.shape[0]) - 1
     states: dict[str, Any] = {}
     if initial_state is not None:
-        states = _check_state("initial_state", initial_state, op, normalize, N, HV, K, V, "N")
+        states = _check_state("initial_state", initial_state, rule, normalize, N, HV, K, V, "N")
     if not isinstance(form, str) or form not in FORM_CHOICES:
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
     chunk = _check_int("chunk_size", chunk_size, 1)
@@ -608,22 +614,23 @@ def validate_step(
             _check_template(arg.name, named[arg.name], step_templates[arg.name], sizes, {})
     if state is None:
         raise TypeError(f"{op} decoding needs the state pool, got None")
-    pair = isinstance(state, tuple | list)
-    if pair != normalize:
-        want = "the pair (S, z)" if normalize else "an array"
+    layout = rule.state_layout(normalize=normalize)
+    pair = len(layout) > 1
+    names = ", ".join(a.name for a in layout)
+    if isinstance(state, tuple | list) != pair:
+        want = f"the tuple of pools ({names})" if pair else "an array"
         raise TypeError(f"state of {op} must be {want}, got a {type(state).__name__}")
-    if pair and len(state) != 2:
-        raise TypeError(f"state must be the pair (S, z), got {len(state)} items")
-    for name, x in (
-        (("state[0]", state[0]), ("state[1]", state[1])) if pair else (("state", state),)
-    ):
+    if pair and len(state) != len(layout):
+        raise TypeError(f"state must be the tuple ({names}), got {len(state)} items")
+    parts = [(f"state[{i}]", x) for i, x in enumerate(state)] if pair else [("state", state)]
+    for name, x in parts:
         if type(x) is not np.ndarray:
             _namespace(name, x)
             _dims(name, x)
-    S = state[0] if pair else state
-    _check_rank("state[0]" if pair else "state", S, 4, "[P, HV, K, V]")
-    P = int(S.shape[0])
-    states = _check_state("state", state, op, normalize, P, HV, K, V, "P")
+    first_name, first = parts[0]
+    _check_rank(first_name, first, 4, "[P, HV, K, V]")
+    P = int(first.shape[0])
+    states = _check_state("state", state, rule, normalize, P, HV, K, V, "P")
     scale_value = _check_scale(scale, K)
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
@@ -632,8 +639,13 @@ def validate_step(
         if not _is_pool_dtype(pool, xp):
             raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
         _check_writeable(name, pool)
-    if pair and _overlap(state[0], state[1], exact=True):
-        raise ValueError("state[0] and state[1] share memory: S and z must be separate pools")
+    for i in range(len(parts)):
+        for j in range(i):
+            if _overlap(parts[j][1], parts[i][1], exact=True):
+                raise ValueError(
+                    f"{parts[j][0]} and {parts[i][0]} share memory: the parts of the state "
+                    f"({names}) must be separate pools"
+                )
     idx = None
     if state_indices is None:
         if P != N:

@@ -76,7 +76,13 @@ class Option:
     annotation: str = "bool"
     step: bool = True
     step_doc: str = ""
+    state: tuple[Arg, ...] = ()
+    """The state when the option is on, if it differs (``normalize``: the pair ``(S, z)``)."""
 
+
+STATE = (Arg("S", "[N, HV, K, V]", "the fast weights, key-first."),)
+"""The state of most rules: one matrix per sequence and value head (``N`` sequences, or ``P``
+rows of a decoding pool)."""
 
 QKV = (
     Arg("q", "[B, T, H, K]", "queries."),
@@ -106,8 +112,10 @@ class Rule:
         Form -> why the rule never has it.
     options : tuple of Option
         Keyword options beyond the common ones (``normalize``, ``num_householder``).
-    state : str
-        The state's shape template; ``linear_attn(normalize=True)`` has the pair ``(S, z)``.
+    state : tuple of Arg
+        The state's arrays with their shape templates: one matrix, or a tuple for a state
+        made of several arrays (an option may change it: ``linear_attn(normalize=True)``
+        keeps the pair ``(S, z)``).
     parent, to_parent
         For an instance: the parent op, and ``to_parent(xp, arrays) -> arrays`` mapping the
         instance's arguments (by name, ``q, k, v`` included) onto the parent's.
@@ -137,7 +145,7 @@ class Rule:
     forms: tuple[str, ...]
     no_form: Mapping[str, str] = field(default_factory=dict)
     options: tuple[Option, ...] = ()
-    state: str = "[N, HV, K, V]"
+    state: tuple[Arg, ...] = STATE
     parent: str | None = None
     to_parent: Callable[[ModuleType, dict[str, Any]], dict[str, Any]] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -155,6 +163,13 @@ class Rule:
     @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
+
+    def state_layout(self, **options: Any) -> tuple[Arg, ...]:
+        """The state's arrays for a call with these option values."""
+        for o in self.options:
+            if o.state and options.get(o.name):
+                return o.state
+        return self.state
 
     @property
     def arrays(self) -> tuple[Arg, ...]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._rule import FORMS, QKV, REQUIRED, Arg, Option, Rule
+from .._rule import FORMS, QKV, REQUIRED, STATE, Arg, Option, Rule
 
 _G = "log-decay per head, ``<= 0``; ``-inf`` resets the state to zero."
 _GK = "log-decay per key channel, ``<= 0``; ``-inf`` resets that key row to zero."
@@ -43,6 +43,7 @@ LINEAR_ATTN = Rule(
             step_doc="""\
         Also keep the normaliser ``z += k`` and divide ``o`` by ``scale q . z + 1e-10``;
         then ``state`` is the pair of pools ``(S, z)`` with ``z: [P, HV, K]``.""",
+            state=(*STATE, Arg("z", "[N, HV, K]", "the normaliser, the sum of the keys.")),
         ),
     ),
     title="Linear attention: the Hebbian fast weight update ``S_t = S_{t-1} + k_t v_t^T``.",
