@@ -346,28 +346,59 @@ def _check_state(
     return {name: state}
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What validation reads from a rule's description, worked out once per rule."""
+
+    names: frozenset[str]
+    required: tuple[str, ...]
+    product: bool
+    """Several rows per token (DeltaProduct): ``k, v, beta`` have ``R = T * n`` rows."""
+    step_shapes: dict[str, tuple[str, ...]]
+    """Each argument's one-token templates."""
+    token_axis: frozenset[str]
+    """The arrays a step call gets a ``T == 1`` axis inserted into."""
+
+
+@functools.cache
+def _layout(op: str) -> _Layout:
+    rule = RULES[op]
+    product = "num_householder" in rule.option_names
+    token_axis = set()
+    for a in rule.arrays:
+        dims = dims_of(a.shape)
+        if "T" in dims or ("R" in dims and not product):
+            token_axis.add(a.name)
+    return _Layout(
+        frozenset(rule.arg_names),
+        tuple(a.name for a in rule.args if not a.optional),
+        product,
+        {a.name: tuple(step_shape(t, product) for t in a.shapes) for a in rule.args},
+        frozenset(token_axis),
+    )
+
+
 def _rule_inputs(rule: Rule, inputs: dict[str, Any]) -> dict[str, Any]:
     """The rule's arrays after ``q, k, v`` by name; unknown and missing ones raise."""
-    unknown = sorted(set(inputs) - set(rule.arg_names))
-    if unknown:
+    layout = _layout(rule.name)
+    if not layout.names.issuperset(inputs):
+        unknown = sorted(set(inputs) - layout.names)
         raise TypeError(f"{rule.name} got unexpected arguments {unknown}")
-    out = {}
-    for arg in rule.args:
-        x = inputs.get(arg.name)
-        if x is None and not arg.optional:
-            raise TypeError(f"{rule.name} needs {arg.name}, got None")
-        out[arg.name] = x
-    return out
+    for name in layout.required:
+        if inputs.get(name) is None:
+            raise TypeError(f"{rule.name} needs {name}, got None")
+    return {a.name: inputs.get(a.name) for a in rule.args}
 
 
 def _check_template(
     name: str, x: Any, templates: tuple[str, ...], sizes: dict[str, int], labels: dict[str, str]
 ) -> None:
     """``x`` has the shape of one of ``templates``, whose dimensions ``sizes`` gives."""
-    ranked = [dims_of(t) for t in templates if len(dims_of(t)) == x.ndim]
-    for dims in ranked:
-        if tuple(x.shape) == tuple(sizes[d] for d in dims):
+    shape = tuple(x.shape)
+    for template in templates:
+        if shape == tuple([sizes[d] for d in dims_of(template)]):
             return
+    ranked = [dims_of(t) for t in templates if len(dims_of(t)) == x.ndim]
     shown = " or ".join(
         "[" + ", ".join(labels.get(d, d) for d in dims_of(t)) + "]" for t in templates
     )
@@ -583,7 +614,8 @@ def validate_step(
     use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
     _check_rank("q", q, 3, "[N, H, K]")
     N, H, K = (int(d) for d in q.shape)
-    product = "num_householder" in rule.option_names
+    static = _layout(op)
+    product = static.product
     if product:
         _check_rank("k", k, 4, "[N, n, H, K]")
         n = int(k.shape[1])
@@ -606,12 +638,9 @@ def validate_step(
             f"the value heads HV = {HV} must be a positive multiple of the query/key heads H = {H}"
         )
     sizes = {"N": N, "n": n, "H": H, "HV": HV, "K": K, "V": V}
-    step_templates = {
-        arg.name: tuple(step_shape(t, product) for t in arg.shapes) for arg in rule.args
-    }
-    for arg in rule.args:
-        if named[arg.name] is not None:
-            _check_template(arg.name, named[arg.name], step_templates[arg.name], sizes, {})
+    for name, templates in static.step_shapes.items():
+        if named[name] is not None:
+            _check_template(name, named[name], templates, sizes, {})
     if state is None:
         raise TypeError(f"{op} decoding needs the state pool, got None")
     layout = rule.state_layout(normalize=normalize)
@@ -672,13 +701,9 @@ def validate_step(
         if x is not None:
             named[name] = _unaliased(x, pools)
     # The sequence layout with T == 1: views, no copies.
-    templates = {a.name: a.shape for a in rule.arrays}
-    for name, x in named.items():
-        if x is None:
-            continue
-        dims = dims_of(templates[name])
-        if "T" in dims or ("R" in dims and not product):
-            named[name] = x[:, None, ...]
+    for name in static.token_axis:
+        if named[name] is not None:
+            named[name] = named[name][:, None, ...]
     parent, arrays = _to_parent(rule, xp, named)
     return Call(
         op=parent.name,

@@ -15,6 +15,7 @@ the instance with no registration of its own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -207,6 +208,7 @@ class Rule:
         return "beta" in self.arg_names
 
 
+@functools.cache
 def step_shape(template: str, rows: bool) -> str:
     """The one-token layout of a sequence template: ``B -> N``, ``T`` dropped, ``R -> n``
     where a token has several rows (DeltaProduct) and dropped otherwise."""
@@ -224,7 +226,9 @@ def step_shape(template: str, rows: bool) -> str:
     return "[" + ", ".join(out) + "]"
 
 
+@functools.cache
 def dims_of(template: str) -> tuple[str, ...]:
+    """The dimension names of a shape template: ``"[B, T, HV]"`` -> ``("B", "T", "HV")``."""
     return tuple(d.strip() for d in template.strip("[]").split(","))
 
 
