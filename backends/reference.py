@@ -19,6 +19,7 @@ class ReferenceBackend:
     priority = 0
     ops: ClassVar[dict[str, tuple[str, ...]]] = {op: rule.forms for op, rule in OPS.items()}
     step_ops = tuple(OPS)
+    dtypes = "any real floating dtype of any Array API namespace (float64 if an input is wider)"
 
     def unavailable(self) -> str | None:
         return None

@@ -107,8 +107,8 @@ def backend_rows() -> list[dict[str, str]]:
     Returns
     -------
     list of dict
-        Keys ``name``, ``priority``, ``status``, ``version``, ``ops`` and ``step_ops``, all
-        strings, highest priority first.
+        Keys ``name``, ``priority``, ``status``, ``version``, ``ops``, ``step_ops``, ``dtypes``
+        and ``limits``, all strings, highest priority first.
     """
     import fastweights
 
@@ -129,6 +129,10 @@ def backend_rows() -> list[dict[str, str]]:
                 "version": str(getattr(info, "version", None) or ""),
                 "ops": _forms_text(getattr(info, "ops", {})),
                 "step_ops": ", ".join(sorted(step_ops)) if step_ops else "-",
+                "dtypes": str(getattr(info, "dtypes", "") or ""),
+                "limits": ", ".join(
+                    f"{k} {v}" for k, v in dict(getattr(info, "limits", {}) or {}).items()
+                ),
             }
         )
     return rows
@@ -166,7 +170,10 @@ def format_backends(rows: Sequence[dict[str, str]], width: int = 100) -> str:
                 break_on_hyphens=False,
             )
         )
-        for label, text in (("ops:  ", r["ops"]), ("step: ", r["step_ops"])):
+        extra = [("dtypes: ", r.get("dtypes", "")), ("limits: ", r.get("limits", ""))]
+        for label, text in (("ops:  ", r["ops"]), ("step: ", r["step_ops"]), *extra):
+            if not text:
+                continue
             lines.extend(
                 textwrap.wrap(
                     text,

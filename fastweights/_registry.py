@@ -82,6 +82,10 @@ class BackendInfo:
         Ops it decodes (:mod:`fastweights.step`).
     source : str
         The module that provides it.
+    dtypes : str
+        The dtypes it computes, as it declares them ("" if it does not).
+    limits : dict
+        Limits it declares on the sizes of a call (``{"K": "1..256"}``).
 
     Examples
     --------
@@ -98,6 +102,8 @@ class BackendInfo:
     ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
     step_ops: tuple[str, ...] = ()
     source: str = ""
+    dtypes: str = ""
+    limits: dict[str, str] = field(default_factory=dict)
 
 
 _lock = threading.Lock()
@@ -196,6 +202,8 @@ def list_backends() -> list[BackendInfo]:
                 dict(b.ops),
                 tuple(b.step_ops),
                 type(b).__module__,
+                str(getattr(b, "dtypes", "") or ""),
+                dict(getattr(b, "limits", {}) or {}),
             )
         )
     rows.extend(_broken.values())
