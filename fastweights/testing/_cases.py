@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._ops import RULES
+from ..rules._rule import dims_of
 from ._tolerance import assert_close, to_namespace, to_numpy, tolerance
 
 #: Positional arguments of every op, in order (from the rule descriptions); other arrays are
@@ -267,7 +268,7 @@ def random_call(
     if seqlens is not None:
         batch, length = 1, int(sum(seqlens))
     hv = heads * groups
-    n = num_householder if op == "delta_product" else 1
+    n = num_householder if "num_householder" in RULES[op].option_names else 1
     rows = length * n
 
     def keys(t: int) -> np.ndarray:
@@ -294,34 +295,34 @@ def random_call(
         "k": keys(rows),
         "v": rng.standard_normal((batch, rows, hv, value_dim)),
     }
-    if op in ("simple_gla", "gated_delta_rule") or (op == "delta_product" and gates != "none"):
-        arrays["g"] = gate((batch, length, hv))
-    if op in ("gla", "kda"):
-        arrays["gk"] = gate((batch, length, hv, key_dim))
-    if op in ("delta_rule", "gated_delta_rule", "delta_product", "kda"):
-        shape = (batch, rows, hv, value_dim) if beta_per_value else (batch, rows, hv)
-        arrays["beta"] = rng.uniform(0.05, 1.0, shape)
-    per_key = (batch, length, hv, key_dim)
-    if op in ("dplr", "iplr"):
-        # a = -beta c, b = d with unit c, d and c . d about 0.9 (RULES2.md: stable states).
-        c = rng.standard_normal(per_key)
-        c /= np.linalg.norm(c, axis=-1, keepdims=True)
-        d = c + 0.3 * rng.standard_normal(per_key) / np.sqrt(key_dim)
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        arrays["a"] = -rng.uniform(0.05, 1.0, (*per_key[:-1], 1)) * c
-        arrays["b"] = d
-        if op == "dplr":
-            arrays["gk"] = gate(per_key)
-    if op == "rwkv7":
-        if gates in ("normal", "reset"):
-            arrays["w"] = -np.exp(-0.5) / (1.0 + np.exp(-rng.standard_normal(per_key)))
-            if gates == "reset":
-                arrays["w"][rng.uniform(size=per_key) < 0.05] = -np.inf
+    sizes = {"B": batch, "T": length, "R": rows, "H": heads, "HV": hv, "K": key_dim}
+    sizes["V"] = value_dim
+    rule = RULES[op]
+    # Gates first, then the rest in the description's order (the draws of the first wave's
+    # cases stay as they were).
+    removal = None
+    for arg in sorted(rule.args, key=lambda a: not a.log_decay):
+        template = arg.alternatives[-1] if beta_per_value and arg.alternatives else arg.shape
+        shape = tuple(sizes[d] for d in dims_of(template))
+        if arg.log_decay:
+            if not (gates == "none" and arg.optional):
+                arrays[arg.name] = gate(shape)
+        elif arg.sample == "rate":
+            arrays[arg.name] = rng.uniform(0.05, 1.0, shape)
+        elif arg.sample == "removal":
+            # -beta c with a unit c: reads the state and removes along c.
+            removal = rng.standard_normal(shape)
+            removal /= np.linalg.norm(removal, axis=-1, keepdims=True)
+            arrays[arg.name] = -rng.uniform(0.05, 1.0, (*shape[:-1], 1)) * removal
+        elif arg.sample == "unit":
+            x = rng.standard_normal(shape)
+            if removal is not None:
+                # Writes close to what the removal read (c . d about 0.9): a DPLR transition
+                # that keeps the state bounded (RULES2.md), as in the golden cases.
+                x = removal + 0.3 * x / np.sqrt(shape[-1])
+            arrays[arg.name] = x / np.linalg.norm(x, axis=-1, keepdims=True)
         else:
-            arrays["w"] = gate(per_key)
-        kk = rng.standard_normal(per_key)
-        arrays["kk"] = kk / np.linalg.norm(kk, axis=-1, keepdims=True)
-        arrays["a"] = rng.uniform(0.05, 0.95, per_key)
+            arrays[arg.name] = rng.standard_normal(shape)
     n_states = batch
     if seqlens is not None:
         arrays["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
@@ -333,7 +334,7 @@ def random_call(
         else:
             arrays["initial_state"] = s0
     kwargs: dict[str, Any] = {}
-    if op == "delta_product":
+    if "num_householder" in RULES[op].option_names:
         kwargs["num_householder"] = n
     if normalize:
         kwargs["normalize"] = True
@@ -345,16 +346,17 @@ def random_call(
 
 
 def token_arrays(call: Call, t: int) -> dict[str, Any]:
-    """The step arguments of token ``t`` (``n`` rows of ``k, v, beta`` for delta_product)."""
+    """The step arguments of token ``t`` (the token's ``n`` rows of the arrays a rule has
+    several rows per token of: ``k, v, beta`` of delta_product)."""
+    rule = RULES[call.op]
     n = call.kwargs.get("num_householder", 1)
+    several = "num_householder" in rule.option_names
+    per_row = {a.name for a in rule.arrays if "R" in dims_of(a.shape)} if several else set()
     out = {}
     for name, x in call.arrays.items():
         if name in ("initial_state", "cu_seqlens"):
             continue
-        if call.op == "delta_product" and name in ("k", "v", "beta"):
-            out[name] = x[:, t * n : (t + 1) * n]
-        else:
-            out[name] = x[:, t]
+        out[name] = x[:, t * n : (t + 1) * n] if name in per_row else x[:, t]
     return out
 
 
