@@ -37,8 +37,6 @@ from fastweights.testing import naive
 
 OPS = ("gated_delta_rule", "delta_rule", "simple_gla", "linear_attn", "gla", "kda", "dplr")
 
-FLOPS_PER_STATE_ELEMENT = {"dplr": 8}
-"""FLOPs counted per state element, token and head (6 for the first-wave ops)."""
 
 TARGETS = {"dplr": (40, 30)}
 """Percent of the matmul rate targeted at K=V=128 and 64 (45 and 40 for the first wave)."""
@@ -105,7 +103,8 @@ def prefill(op: str, K: int, reps: int, T: int = 8192, H: int = 4) -> tuple[floa
     """Seconds per call (median), effective GFLOP/s of ``op`` on the numba backend, and the
     median over ``reps`` pairs (a matmul, then the call) of the ratio of the two rates."""
     args = inputs(op, 1, T, H, K, K)
-    flops = FLOPS_PER_STATE_ELEMENT.get(op, 6) * K * K * T * H
+    # FLOPs per state element, token and head from the rule's description (6, or 8 for DPLR).
+    flops = fastweights.backends.RULES[op].flops * K * K * T * H
     fn = getattr(fastweights, op)
     a, b = _matmul_operands()
     fn(**args, form="auto", backend="numba")
