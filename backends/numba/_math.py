@@ -149,8 +149,12 @@ def decay_rows_reset_f64(src: Array, c: Array, scratch: Array, red: Array, tiny:
         bits[x], red[x] = _reduce_f64(np.float64(src[x]))
     count = 0
     for x in range(n):
-        a = 0.0 if np.float64(src[x]) < UNDERFLOW else _poly_f64(red[x]) * scratch[x]
-        cx = 0.0 if a == 0.0 else c[x] * a
+        # exp(src) is 0 exactly below UNDERFLOW and nonzero above it, so the reset is one
+        # select on src. Every load is unconditional: a load inside a branch of the select
+        # (c[x] only where exp != 0) kept LLVM from vectorising the loop (3-4x slower).
+        cv = c[x]
+        p = cv * (_poly_f64(red[x]) * scratch[x])
+        cx = 0.0 if np.float64(src[x]) < UNDERFLOW else p
         c[x] = cx
         count += cx < tiny
     return count
@@ -166,8 +170,9 @@ def decay_rows_reset_f32(src: Array, c: Array, scratch: Array, red: Array, tiny:
         bits[x], red[x] = _reduce_f32(src[x])
     count = 0
     for x in range(n):
-        a = np.float32(0.0) if src[x] < np.float32(UNDERFLOW32) else _poly_f32(red[x]) * scratch[x]
-        cx = np.float32(0.0) if a == np.float32(0.0) else c[x] * a
+        cv = c[x]  # unconditional loads, as in decay_rows_reset_f64
+        p = cv * (_poly_f32(red[x]) * scratch[x])
+        cx = np.float32(0.0) if src[x] < np.float32(UNDERFLOW32) else p
         c[x] = cx
         count += cx < tiny
     return count

@@ -18,7 +18,9 @@ exactly one pass over ``S~`` that writes ``k/c u^T`` and accumulates ``S~^T (c k
 Work is split into tasks (sequence, value head, range of value blocks) run in parallel with
 ``prange``; the per-step vectors (``k/c``, ``c k``, ``c q``, ``k . q``) are computed once per
 chunk of ``TC`` steps for all the task's value blocks, and the passes of a chunk prefetch the
-input rows of the next one (:func:`_prefetch_lines`).
+input rows of the next one (:func:`_prefetch_lines`). Each chunk's outputs are tested for
+NaN/Inf while still in cache (:func:`_chunk_non_finite`); a non-finite one reruns the task with
+the plain recurrence from the start (:func:`_task`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,14 @@ def _prepare(
         sub = r - tt * n_sub
         t = t0 + tt
         krow = row(k, b, rb + r, h, 0)
+        if gate_kind == 2 and not l2norm:
+            _prepare_rows(
+                q, krow, gate, b, h, hv, t, i, sub, n_sub, erase, scale, escr, red, cd, KA,
+                KB, QB, RV, RVF, KQ, sc, tiny_c,
+            )  # fmt: skip
+            CR[i] = c[K]
+            CW[i] = 1.0 / c[K]
+            continue
         for x in range(K):
             KA[i, x] = krow[x]
         if l2norm:
@@ -175,6 +185,80 @@ def _prepare(
         CR[i] = c[K]
         CW[i] = 1.0 / c[K]
         RVF[i] = renorm
+
+
+@jit(nrt=False, reduce=True, noalias=True, inline=True)
+def _prepare_rows(
+    q: Array,
+    krow: Array,
+    gate: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t: int,
+    i: int,
+    sub: int,
+    n_sub: int,
+    erase: bool,
+    scale: float,
+    escr: Array,
+    red: Array,
+    cd: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    RV: Array,
+    RVF: Array,
+    KQ: Array,
+    sc: Array,
+    tiny_c: float,
+) -> None:
+    """Row ``i`` of :func:`_prepare` for per-key-row decays without l2-normalisation: the
+    same values, in two passes over the key rows instead of five (the decay comes first,
+    then ``k . q~`` and the scaled vectors straight from the input rows)."""
+    K = KA.shape[1]
+    renorm = False
+    if sub == 0:
+        grow = row(gate, b, t, hv, 0)
+        if cd.itemsize == 4:
+            tiny = decay_rows_reset_f32(grow, cd, escr, red, tiny_c)
+        else:
+            tiny = decay_rows_reset_f64(grow, cd, escr, red, tiny_c)
+        if tiny:
+            renorm = True
+            for x in range(K):
+                RV[i, x] = cd[x]
+                cd[x] = 1.0
+    RVF[i] = renorm
+    kq = sc[2]
+    if sub == n_sub - 1:
+        qrow = row(q, b, t, h, 0)
+        sc[0] = scale
+        f = sc[0]
+        for x in range(K):
+            kq += krow[x] * (qrow[x] * f)
+        if erase:
+            for x in range(K):
+                cx = cd[x]
+                kx = krow[x]
+                KB[i, x] = kx * cx
+                QB[i, x] = (qrow[x] * f) * cx
+                KA[i, x] = kx / cx
+        else:
+            for x in range(K):
+                cx = cd[x]
+                QB[i, x] = (qrow[x] * f) * cx
+                KA[i, x] = krow[x] / cx
+    else:
+        z = sc[2]
+        for x in range(K):
+            cx = cd[x]
+            kx = krow[x]
+            if erase:
+                KB[i, x] = kx * cx
+            QB[i, x] = z * cx
+            KA[i, x] = kx / cx
+    KQ[i] = kq
 
 
 @jit(nrt=False)
@@ -281,9 +365,14 @@ def _sweep(
     l2norm: bool,
     scale: float,
     tiny_c: float,
-) -> None:
+    check: bool,
+) -> int:
     """One (sequence, value head, value blocks ``vb0 .. vb1-1``) from start to end, the
     running decay renormalised below ``tiny_c``.
+
+    With ``check``, the outputs of each chunk are tested for NaN/Inf while they are still in
+    cache; the sweep stops at the first chunk that has one and returns its first non-finite
+    token (the state is then not written). Returns ``t1`` otherwise.
 
     Per-step vectors live in rows ``1 .. TC`` of ``KA, KB, QB, RV`` (row 0 of ``KA``: the
     previous step's write); ``VC``/``BC``/``OC`` hold one block's values, betas and outputs
@@ -330,6 +419,8 @@ def _sweep(
     c1 = min(vb1 * VB, V)
     PFA = np.empty(prefetch_capacity(K, c1 - c0, v.itemsize), np.int64)
     c = np.ones(K + 1, np.float64)
+    # Finiteness of the outputs so far: FIN[j] += o * 0 stays 0 while every o is finite.
+    FIN = np.zeros(max(c1 - c0, 1), dt)
     cd[:] = 1.0
     KBv[:] = 0.0
     W[:] = 0.0
@@ -408,8 +499,14 @@ def _sweep(
                 )  # fmt: skip
             scatter_rows(OC, o, b, t0, hv, j0, nv, r0, rc, n_sub)
         KA[0] = KA[rc]
+        if check:
+            # The tokens whose last step is in this chunk, read back while in cache.
+            tlo = t0 + r0 // n_sub
+            thi = t0 + (r0 + rc) // n_sub
+            if _chunk_non_finite(o, b, tlo, thi, hv, c0, c1, FIN):
+                return _first_non_finite(o, b, tlo, thi, hv, c0, c1)
     if not write_state:
-        return
+        return t1
     # The last write, with the running decay folded back into the state.
     for x in range(K):
         RV[1, x] = cd[x] if gate_kind == 2 else c[K]
@@ -428,6 +525,29 @@ def _sweep(
             dst = row(state_out, out_row, hv, i, j0)
             for j in range(nv):
                 dst[j] = Sb[x, i, j]
+    return t1
+
+
+@jit(nrt=False)
+def _chunk_non_finite(
+    o: Array, b: int, t0: int, t1: int, hv: int, c0: int, c1: int, FIN: Array
+) -> bool:
+    """Whether some ``o[b, t, hv, c0:c1]`` so far (``t < t1``; earlier tokens through
+    ``FIN``) is NaN or Inf: ``FIN[j] += o[b, t, hv, c0 + j] * 0`` column by column (vector
+    code, no reduction in the loop), then one test of ``FIN``."""
+    prefer_512()
+    n = c1 - c0
+    if t1 <= t0 or n <= 0:
+        return False
+    z = FIN[0] - FIN[0]  # 0 in FIN's dtype (FIN is all 0 until a non-finite output)
+    for t in range(t0, t1):
+        p = row(o, b, t, hv, c0)
+        for j in range(n):
+            FIN[j] += p[j] * z  # NaN iff p[j] is NaN or Inf (no fast-math nnan/ninf)
+    bad = 0
+    for j in range(n):
+        bad += FIN[j] != z
+    return bad > 0
 
 
 @jit(nrt=False, reduce=True)
@@ -496,13 +616,13 @@ def _task(
     times ``c``); it then shows as a non-finite output or final state. Non-finite inputs take
     the second sweep too, which gives the plain recurrence's NaN/Inf, causally.
     """
-    _sweep(
+    bad = _sweep(
         q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0, vb1,
         n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm, scale, TINY,
+        True,
     )  # fmt: skip
     c0 = vb0 * VB
     c1 = min(vb1 * VB, v.shape[3])
-    bad = _first_non_finite(o, b, t0, t1, hv, c0, c1)
     if bad == t1 and (not write_state or _state_finite(state_out, out_row, hv, c0, c1)):
         return
     # Outputs before the first non-finite one are kept bitwise (causality), the rest redone.
@@ -512,7 +632,7 @@ def _task(
     _sweep(
         q, k, v, gate, beta, state_in, in_row, state_out, out_row, o, b, t0, t1, hv, vb0,
         vb1, n_sub, G, gate_kind, erase, beta_per_value, has_init, write_state, l2norm,
-        scale, 1.0,
+        scale, 1.0, False,
     )  # fmt: skip
     for t in range(t0, bad):
         o[b, t, hv, c0:c1] = keep[t - t0]
