@@ -91,6 +91,11 @@ def _kernel_sources() -> list[Path]:
         except OSError:
             continue
         for name in re.findall(r"^from fastweights\.([\w.]+) import", text, re.MULTILINE):
+            if name.split(".")[0] == "backends":
+                # The toolkit re-exports the core (the constants' home, _constants.py, is
+                # counted above); it lives in this package when installed but beside it in a
+                # source tree, and the digest must be the same from both.
+                continue
             base = here.joinpath(*name.split("."))
             core.update(p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file())
     return [*own, *sorted(core)]
