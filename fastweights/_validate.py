@@ -403,8 +403,11 @@ def _check_template(
         "[" + ", ".join(labels.get(d, d) for d in dims_of(t)) + "]" for t in templates
     )
     dims = ranked[0] if ranked else dims_of(templates[0])
+    expected = tuple(sizes[d] for d in dims)
+    if len(templates) == 1:
+        raise _shape_error(name, f"{shown} = {expected}", x)
     names = ", ".join(labels.get(d, d) for d in dims)
-    raise _shape_error(name, f"{shown} with {names} = {tuple(sizes[d] for d in dims)}", x)
+    raise _shape_error(name, f"{shown} with {names} = {expected}", x)
 
 
 def _to_parent(rule: Rule, xp: ModuleType, arrays: dict[str, Any]) -> tuple[Rule, dict[str, Any]]:
