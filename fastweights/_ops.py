@@ -8,13 +8,9 @@ registering a family here is one line. Validation, the public functions, the bac
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from .rules import delta, dplr
 from .rules._rule import FORMS, Arg, Rule
-
-if TYPE_CHECKING:
-    from ._validate import Call
 
 FAMILIES: dict[str, ModuleType] = {"delta": delta, "dplr": dplr}
 """Family name -> its package: descriptions, problem preparation and forms."""
@@ -29,11 +25,4 @@ ARG_NAMES = frozenset(arg.name for rule in RULES.values() for arg in rule.args)
 """Every array argument name after ``q, k, v`` of any rule."""
 
 
-def form_unavailable(call: Call, form: str) -> str | None:
-    """Why ``call`` has no ``form`` (the rule never has it, or not for such a call), or None."""
-    if form not in call.spec.forms:
-        return call.spec.no_form.get(form, f"{call.op} has no {form} form")
-    return FAMILIES[call.spec.family].form_unavailable(call, form)
-
-
-__all__ = ["ARG_NAMES", "FAMILIES", "FORMS", "OPS", "RULES", "Arg", "Rule", "form_unavailable"]
+__all__ = ["ARG_NAMES", "FAMILIES", "FORMS", "OPS", "RULES", "Arg", "Rule"]
