@@ -37,6 +37,10 @@ def backend_namespace(backend: str, op: str, form: str | None = None, *, step: b
         raise NotImplementedError(f"{backend} does not {'decode' if step else 'implement'} {op}")
     if form not in (None, "auto") and form not in info.ops[inner]:
         raise NotImplementedError(f"{backend} has no {form} form of {op}")
+    if backend == "dask":
+        raise NotImplementedError(
+            "the dask backend runs Dask arrays across workers: asv's DaskScaling measures it"
+        )
     if backend == "cupy":
         import cupy
 

@@ -308,6 +308,39 @@ def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
         raise ValueError(f"{name} is a log-decay and must be <= 0 (decay = exp({name}) <= 1)")
 
 
+def _sign_checked_block(name: str, block: Any) -> Any:
+    _check_gate_sign(name, block, array_api_compat.array_namespace(block))
+    return block
+
+
+def _check_gate_signs(rule: Rule, named: dict[str, Any], xp: ModuleType) -> None:
+    """The sign of each log-decay of ``rule`` in ``named``. A Dask gate is not computed: it
+    is replaced by a lazy copy that checks each block as the graph computes it (API.md)."""
+    for name in rule.log_decays:
+        x = named[name]
+        if x is None:
+            continue
+        if array_api_compat.is_dask_array(x):
+            import dask.array as da
+
+            check = functools.partial(_sign_checked_block, name)
+            named[name] = da.map_blocks(check, x, dtype=x.dtype, meta=getattr(x, "_meta", None))
+        else:
+            _check_gate_sign(name, x, xp)
+
+
+def _lazy_states(q: Any, state: Any) -> Any:
+    """A NumPy (or CuPy) ``initial_state`` of a Dask call, as a Dask array (not computed)."""
+    if state is None or not array_api_compat.is_dask_array(q):
+        return state
+    import dask.array as da
+
+    def wrap(x: Any) -> Any:
+        return x if array_api_compat.is_dask_array(x) else da.from_array(x, chunks=x.shape)
+
+    return tuple(wrap(x) for x in state) if isinstance(state, tuple | list) else wrap(state)
+
+
 def _check_state(
     name: str,
     state: Any,
@@ -537,9 +570,15 @@ def validate(
     for arg in rule.args:
         if named[arg.name] is not None:
             _check_template(arg.name, named[arg.name], arg.shapes, sizes, labels)
+    if array_api_compat.is_dask_array(cu_seqlens):
+        raise ValueError(
+            "cu_seqlens is a Dask array: the sequence boundaries shape the task graph, so they "
+            "must be known when the op is called; pass them as a NumPy array (or a list)"
+        )
     cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else int(cu.shape[0]) - 1
     states: dict[str, Any] = {}
+    initial_state = _lazy_states(q, initial_state)
     if initial_state is not None:
         states = _check_state("initial_state", initial_state, rule, normalize, N, HV, K, V, "N")
     if not isinstance(form, str) or form not in FORM_CHOICES:
@@ -552,9 +591,7 @@ def validate(
     if form != "auto" and form not in rule.forms:
         reason = rule.no_form.get(form, f"{rule.name} has no {form} form")
         raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
-    for name in rule.log_decays:
-        if named[name] is not None:
-            _check_gate_sign(name, named[name], xp)
+    _check_gate_signs(rule, named, xp)
     parent, arrays = _to_parent(rule, xp, named)
     call = Call(
         op=parent.name,
@@ -695,9 +732,7 @@ def validate_step(
             )
         if np.unique(idx).size != idx.size:
             raise ValueError("state_indices must be distinct: two rows would update one state")
-    for name in rule.log_decays:
-        if named[name] is not None:
-            _check_gate_sign(name, named[name], xp)
+    _check_gate_signs(rule, named, xp)
     # An input that is a view of the pool would change under the kernel's writes: read it first.
     pools = tuple(states.values())
     for name, x in named.items():

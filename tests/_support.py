@@ -18,8 +18,34 @@ from fastweights.testing import Call
 
 FORMS = ("recurrent", "chunk", "parallel")
 
-#: Backends whose arrays are not NumPy arrays, and the namespace they take.
-NAMESPACES = {"cupy": "cupy"}
+
+
+class DaskBlocks:
+    """The namespace the tests give the dask backend: ``asarray`` turns a NumPy array into a
+    Dask array in blocks along its first three axes, the last axis excepted (two blocks along
+    ``B``, three along ``T``, two along the heads), so that every call runs with blocks along
+    each. Integer arrays (``cu_seqlens``) stay NumPy arrays: the graph's shape depends on them."""
+
+    __name__ = "dask.array"
+
+    @staticmethod
+    def asarray(x: Any) -> Any:
+        import dask.array as da
+
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            return x
+        parts = (2, 3, 2)  # B or N; T (three blocks: the scan composes); heads
+        chunks = tuple(
+            max(1, -(-n // parts[axis])) if axis < min(3, x.ndim - 1) else n
+            for axis, n in enumerate(x.shape)
+        )
+        return da.from_array(x, chunks=chunks)
+
+
+#: Backends whose arrays are not NumPy arrays, and the namespace they take (a module name, or
+#: an object with ``asarray``).
+NAMESPACES: dict[str, Any] = {"cupy": "cupy", "dask": DaskBlocks}
 
 PLUGIN_MODULE = "_fastweights_fake_plugins"
 
@@ -41,7 +67,9 @@ def available_backends() -> list[Any]:
 def namespace(backend: str) -> Any:
     """The array namespace backend ``backend`` takes (None for NumPy)."""
     name = NAMESPACES.get(backend)
-    return None if name is None else importlib.import_module(name)
+    if name is None or not isinstance(name, str):
+        return name
+    return importlib.import_module(name)
 
 
 def numpy_backends() -> list[Any]:

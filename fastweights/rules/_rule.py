@@ -117,6 +117,9 @@ class Rule:
         The state's arrays with their shape templates: one matrix, or a tuple for a state
         made of several arrays (an option may change it: ``linear_attn(normalize=True)``
         keeps the pair ``(S, z)``).
+    transition : str or None
+        ``"diagonal"``, ``"matrix"`` or None: how a stretch of tokens maps the state before
+        it to the state after it (the Dask backend's scan over time blocks).
     parent, to_parent
         For an instance: the parent op, and ``to_parent(xp, arrays) -> arrays`` mapping the
         instance's arguments (by name, ``q, k, v`` included) onto the parent's.
@@ -151,6 +154,12 @@ class Rule:
     to_parent: Callable[[ModuleType, dict[str, Any]], dict[str, Any]] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     qkv: tuple[Arg, Arg, Arg] = QKV
+    transition: str | None = None
+    """How the state after a stretch of tokens depends on the state before it, for a scan
+    over time blocks (the Dask backend): ``"diagonal"`` (``S -> Diag(d) S + S0``, a decay per
+    key channel), ``"matrix"`` (``S -> P S + S0`` with a ``[K, K]`` ``P`` that no value
+    enters, so every value column evolves alike), or None (neither: blocks pass the state
+    on). A call whose options break it (a per-value ``beta``, a normaliser) passes the state."""
     flops: int = 6
     """FLOPs per state element and step of the recurrent pass, the least work any form does
     (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""

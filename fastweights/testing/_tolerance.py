@@ -8,7 +8,8 @@ import numpy as np
 
 
 def to_numpy(x: Any) -> Any:
-    """Copy an array of any namespace (NumPy, CuPy, torch, JAX, array-api-strict) to NumPy.
+    """Copy an array of any namespace (NumPy, CuPy, torch, JAX, Dask, array-api-strict) to
+    NumPy.
 
     Tuples (the ``(S, z)`` state of normalised linear attention) are converted element-wise;
     None stays None.
@@ -29,6 +30,8 @@ def to_numpy(x: Any) -> Any:
         return x.get()
     if module.startswith("torch"):
         return x.detach().cpu().numpy()
+    if module.startswith("dask"):
+        return to_numpy(x.compute())  # errors raised while computing reach the caller
     try:
         return np.asarray(x)
     except (TypeError, ValueError, RuntimeError):

@@ -46,6 +46,7 @@ LINEAR_ATTN = Rule(
             state=(*STATE, Arg("z", "[N, HV, K]", "the normaliser, the sum of the keys.")),
         ),
     ),
+    transition="diagonal",
     title="Linear attention: the Hebbian fast weight update ``S_t = S_{t-1} + k_t v_t^T``.",
     doc="""\
         With ``normalize=True`` the output is divided by ``q~_t . z_t + 1e-10`` where
@@ -81,6 +82,7 @@ SIMPLE_GLA = Rule(
     (Arg("g", "[B, T, HV]", _G, log_decay=True),),
     FORMS,
     params={"gate": "g"},
+    transition="diagonal",
     title="Linear attention with a scalar decay per head: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``.",
     doc="""\
         The rule of RetNet, Mamba2/SSD (``exp(g) = exp(dt A)``, ``k = B``, ``q = C``,
@@ -147,6 +149,7 @@ GLA = Rule(
     ("recurrent", "chunk"),
     no_form={"parallel": _NO_PARALLEL_GK},
     params={"gate": "gk"},
+    transition="diagonal",
     title="Gated linear attention: ``S_t = Diag(exp(gk_t)) S_{t-1} + k_t v_t^T``.",
     doc="""\
         The decay acts on the key channels (rows of the key-first state); fla's ``chunk_gla``.
@@ -180,6 +183,7 @@ DELTA_RULE = Rule(
     (Arg("beta", "[B, R, HV]", _BETA, alternatives=("[B, R, HV, V]",), sample="rate"),),
     FORMS,
     params={"erase": True},
+    transition="matrix",
     title="DeltaNet: ``S_t = S_{t-1} + k_t (beta_t * (v_t - S_{t-1}^T k_t))^T``.",
     doc="""\
         One step of online regression (the Widrow-Hoff rule) of values on keys with rate
@@ -218,6 +222,7 @@ GATED_DELTA_RULE = Rule(
     ),
     FORMS,
     params={"erase": True, "gate": "g"},
+    transition="matrix",
     title="Gated DeltaNet: decay, then a delta step.",
     doc="""\
         ``S' = exp(g_t) S_{t-1}``; ``S_t = S' + k_t (beta_t * (v_t - S'^T k_t))^T``.
@@ -263,6 +268,7 @@ KDA = Rule(
     ("recurrent", "chunk"),
     no_form={"parallel": _NO_PARALLEL_GK},
     params={"erase": True, "gate": "gk"},
+    transition="matrix",
     title="Kimi Delta Attention: the gated delta rule with a per-key-channel decay.",
     doc="""\
         ``S' = Diag(exp(gk_t)) S_{t-1}``; ``S_t = S' + k_t (beta_t * (v_t - S'^T k_t))^T``.
@@ -328,6 +334,7 @@ DELTA_PRODUCT = Rule(
         ),
         Arg("v", "[B, R, HV, V]", "values, ``R = T * num_householder`` rows."),
     ),
+    transition="matrix",
     title="DeltaProduct: ``num_householder`` delta steps per token, after an optional decay.",
     doc="""\
         ``k``, ``v`` and ``beta`` have ``T * n`` rows (``n = num_householder``): rows

@@ -50,6 +50,7 @@ DPLR = Rule(
     ("recurrent", "chunk"),
     no_form={"parallel": "a per-key-channel decay has no attention-like parallel form"},
     flops=8,
+    transition="matrix",
     title="The generalized delta rule: a diagonal-plus-low-rank transition of the state.",
     doc="""\
         ``S_t = Diag(exp(gk_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``,

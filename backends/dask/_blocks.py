@@ -1,0 +1,95 @@
+"""What one task of a Dask call computes, on plain (NumPy or CuPy) blocks, on a worker.
+
+Each block runs as an ordinary call of the public op, so the backend that accepts the block
+type runs it and the block is validated like any call. The scan over time blocks rests on one
+fact about the rules with a :attr:`~fastweights.backends.Rule.transition`: the state after a
+block is ``P S_in + S0`` and each output is ``o0_t + S_in^T c_t``, where ``S0`` and ``o0`` are
+the block's results from a zero state and ``P``, ``c_t`` do not depend on the values. So a
+block can run before the state entering it is known, and be corrected once it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+from fastweights.backends import l2norm
+
+
+def _op(name: str) -> Any:
+    import fastweights
+
+    return getattr(fastweights, name)
+
+
+def sequence(op: str, options: dict[str, Any], arrays: dict[str, Any], state: Any) -> Any:
+    """``(o, final_state)`` of one block from ``state`` (None: zeros)."""
+    return _op(op)(**arrays, initial_state=state, output_final_state=True, **options)
+
+
+def matrix_summary(op: str, options: dict[str, Any], arrays: dict[str, Any], dtype: Any) -> Any:
+    """``(o0, c, S0, P)`` of a block whose transition is a ``[K, K]`` matrix ``P``.
+
+    The block runs once with ``K`` more value columns that start as the identity and receive
+    no values: those columns of the final state are ``P``, and those of the output are the
+    ``c_t``. ``o0`` and ``c`` are in the compute dtype.
+    """
+    v = arrays["v"]
+    xp = array_api_compat.array_namespace(v)
+    dev = array_api_compat.device(v)
+    N, HV, K, V = arrays["q"].shape[0], v.shape[2], arrays["q"].shape[3], v.shape[3]
+    v = xp.astype(v, dtype)
+    padded = xp.concat([v, xp.zeros((*v.shape[:-1], K), dtype=dtype, device=dev)], axis=-1)
+    eye = xp.broadcast_to(xp.eye(K, dtype=dtype, device=dev), (N, HV, K, K))
+    start = xp.concat([xp.zeros((N, HV, K, V), dtype=dtype, device=dev), eye], axis=-1)
+    o, S = sequence(op, options, {**arrays, "v": padded}, start)
+    return o[..., :V], o[..., V:], S[..., :V], S[..., V:]
+
+
+def diagonal_summary(
+    op: str, options: dict[str, Any], arrays: dict[str, Any], gate: str | None, dtype: Any
+) -> Any:
+    """``(o0, c, S0, d)`` of a block whose transition is ``Diag(d)``: a decay per key channel
+    (``gate`` names it; None: no decay). ``c_t`` is ``scale q_t`` decayed from the block's
+    start to step ``t``, computed directly."""
+    q, v = arrays["q"], arrays["v"]
+    xp = array_api_compat.array_namespace(v)
+    o, S = sequence(op, options, {**arrays, "v": xp.astype(v, dtype)}, None)
+    N, HV, K = q.shape[0], v.shape[2], q.shape[3]
+    q = xp.astype(q, dtype)
+    if options["use_qk_l2norm"]:
+        q = l2norm(xp, q)
+    c = q * options["scale"]
+    if q.shape[2] < HV:
+        c = xp.repeat(c, HV // q.shape[2], axis=2)
+    if gate is None or arrays[gate] is None:
+        d = xp.ones((N, HV, K), dtype=dtype, device=array_api_compat.device(v))
+    else:
+        g = xp.astype(arrays[gate], dtype)
+        g = g[..., None] if g.ndim == 3 else g
+        c = c * xp.exp(xp.cumulative_sum(g, axis=1))
+        d = xp.broadcast_to(xp.exp(xp.sum(g, axis=1)), (N, HV, K))
+    return o, c, S, d
+
+
+def compose(later: tuple[Any, Any], earlier: tuple[Any, Any], diagonal: bool) -> Any:
+    """The summary of two consecutive stretches: ``(P2 P1, P2 S1 + S2)``."""
+    (P2, S2), (P1, S1) = later, earlier
+    if diagonal:
+        return P2 * P1, P2[..., None] * S1 + S2
+    return P2 @ P1, P2 @ S1 + S2
+
+
+def advance(summary: tuple[Any, Any], state: Any, diagonal: bool) -> Any:
+    """The state after a stretch with this summary, from ``state``: ``P state + S0``."""
+    P, S0 = summary
+    return (P[..., None] * state if diagonal else P @ state) + S0
+
+
+def correct(o0: Any, c: Any, state: Any, dtype: Any) -> Any:
+    """The block's output from ``state``: ``o0_t + state^T c_t``, in ``dtype``."""
+    xp = array_api_compat.array_namespace(o0)
+    heads_first = xp.permute_dims(c, (0, 2, 1, 3))  # [N, HV, T, K]
+    read = xp.permute_dims(heads_first @ state, (0, 2, 1, 3))  # [N, T, HV, V]
+    return xp.astype(o0 + read, dtype)
