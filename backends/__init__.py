@@ -15,7 +15,6 @@ third-party plugin, and imports only what this module exports:
 - the rules' constants (:data:`L2NORM_EPS`, :data:`NORMALIZE_EPS`, :data:`SUB_BLOCK`), and
   :func:`cuda_defines` / :func:`cuda_macros` to pass them to CUDA sources;
 - helpers: :func:`gather_rows` / :func:`write_rows` (decoding pools of any namespace),
-  :func:`l2norm` (``use_qk_l2norm``'s normalisation, in any namespace),
   :func:`to_host_ints` (integer array-likes of any namespace on the host), and the per-user
   folder of compiled kernels (:func:`kernel_cache_dir`, :func:`numba_checked`);
 - :data:`FAMILIES`, the rule families' packages (problem preparation and Array API forms),
@@ -34,7 +33,6 @@ from fastweights._ops import FAMILIES, FORMS, OPS, RULES, Arg, Rule
 from fastweights._pool import gather_rows, write_rows
 from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
 from fastweights._validate import Call, to_host_ints
-from fastweights.rules._layout import l2norm
 from fastweights.rules._rule import dims_of
 
 __all__ = [
@@ -56,7 +54,6 @@ __all__ = [
     "gather_rows",
     "get_backend",
     "kernel_cache_dir",
-    "l2norm",
     "list_backends",
     "numba_checked",
     "to_host_ints",

@@ -42,7 +42,7 @@ class DaskBackend:
     ops: ClassVar[dict[str, tuple[str, ...]]] = {op: rule.forms for op, rule in OPS.items()}
     step_ops: tuple[str, ...] = ()
     dtypes = "those of the backend that runs each block"
-    limits: ClassVar[dict[str, str]] = {"K": "one block", "V": "one block"}
+    limits: ClassVar[dict[str, str]] = {"K": "whole in every block", "V": "whole in every block"}
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("dask") is None:

@@ -14,8 +14,6 @@ from typing import Any
 
 import array_api_compat
 
-from fastweights.backends import l2norm
-
 
 def _op(name: str) -> Any:
     import fastweights
@@ -28,12 +26,16 @@ def sequence(op: str, options: dict[str, Any], arrays: dict[str, Any], state: An
     return _op(op)(**arrays, initial_state=state, output_final_state=True, **options)
 
 
-def matrix_summary(op: str, options: dict[str, Any], arrays: dict[str, Any], dtype: Any) -> Any:
-    """``(o0, c, S0, P)`` of a block whose transition is a ``[K, K]`` matrix ``P``.
+def summary(
+    op: str, options: dict[str, Any], arrays: dict[str, Any], dtype: Any, diagonal: bool
+) -> Any:
+    """``(o0, c, S0, P)`` of a block from a zero state, ``o0`` and ``c`` in ``dtype``.
 
     The block runs once with ``K`` more value columns that start as the identity and receive
-    no values: those columns of the final state are ``P``, and those of the output are the
-    ``c_t``. ``o0`` and ``c`` are in the compute dtype.
+    no values: those columns of the final state are the transition ``P`` (``[K, K]``; for a
+    ``diagonal`` transition its diagonal, the off-diagonal entries being exactly zero), and
+    those of the output are the ``c_t``. The block's own backend computes them all in one
+    pass, at the speed of its kernel.
     """
     v = arrays["v"]
     xp = array_api_compat.array_namespace(v)
@@ -44,33 +46,10 @@ def matrix_summary(op: str, options: dict[str, Any], arrays: dict[str, Any], dty
     eye = xp.broadcast_to(xp.eye(K, dtype=dtype, device=dev), (N, HV, K, K))
     start = xp.concat([xp.zeros((N, HV, K, V), dtype=dtype, device=dev), eye], axis=-1)
     o, S = sequence(op, options, {**arrays, "v": padded}, start)
-    return o[..., :V], o[..., V:], S[..., :V], S[..., V:]
-
-
-def diagonal_summary(
-    op: str, options: dict[str, Any], arrays: dict[str, Any], gate: str | None, dtype: Any
-) -> Any:
-    """``(o0, c, S0, d)`` of a block whose transition is ``Diag(d)``: a decay per key channel
-    (``gate`` names it; None: no decay). ``c_t`` is ``scale q_t`` decayed from the block's
-    start to step ``t``, computed directly."""
-    q, v = arrays["q"], arrays["v"]
-    xp = array_api_compat.array_namespace(v)
-    o, S = sequence(op, options, {**arrays, "v": xp.astype(v, dtype)}, None)
-    N, HV, K = q.shape[0], v.shape[2], q.shape[3]
-    q = xp.astype(q, dtype)
-    if options["use_qk_l2norm"]:
-        q = l2norm(xp, q)
-    c = q * options["scale"]
-    if q.shape[2] < HV:
-        c = xp.repeat(c, HV // q.shape[2], axis=2)
-    if gate is None or arrays[gate] is None:
-        d = xp.ones((N, HV, K), dtype=dtype, device=array_api_compat.device(v))
-    else:
-        g = xp.astype(arrays[gate], dtype)
-        g = g[..., None] if g.ndim == 3 else g
-        c = c * xp.exp(xp.cumulative_sum(g, axis=1))
-        d = xp.broadcast_to(xp.exp(xp.sum(g, axis=1)), (N, HV, K))
-    return o, c, S, d
+    P = S[..., V:]
+    if diagonal:
+        P = xp.sum(P * eye, axis=-1)
+    return o[..., :V], o[..., V:], S[..., :V], P
 
 
 def compose(later: tuple[Any, Any], earlier: tuple[Any, Any], diagonal: bool) -> Any:

@@ -12,8 +12,9 @@ Time blocks combine in one of two ways, both exact:
   returns a summary ``(P, S0)`` with the coefficients ``c_t`` of its outputs; a parallel prefix
   scan (Hillis-Steele, ``log2`` of the block count deep) of the summaries gives the state that
   enters each block; each block's outputs are then corrected by ``state^T c_t``, a matrix
-  product. A ``"diagonal"`` transition costs one block run; a ``"matrix"`` one runs the block
-  with ``K`` more value columns (``V + K`` instead of ``V``), see :mod:`._blocks`.
+  product. The summaries come from one run of the block with ``K`` more value columns (``V +
+  K`` instead of ``V``, see :mod:`._blocks`); a ``"diagonal"`` transition keeps only ``P``'s
+  diagonal, so its scan composes and sends vectors instead of ``[K, K]`` matrices.
 - **state passing** (every other call): block ``t`` starts from block ``t - 1``'s final state,
   so time blocks run one after another while batch and head blocks run in parallel.
 """
@@ -93,8 +94,10 @@ class Blocks:
             time, why = "state passing", "the normaliser divides each output by a state read"
         else:
             time = "scan"
-            cost = "one block run" if spec.transition == "diagonal" else "V + K value columns"
-            why = f"a {spec.transition} transition per time block ({cost}), then a prefix scan"
+            why = (
+                f"each time block's {spec.transition} transition from a run with V + K value "
+                "columns, then a prefix scan"
+            )
         return cls(call, chunks, time, why)
 
     @property
@@ -169,14 +172,9 @@ def run(call: Call) -> tuple[Any, Any]:
         o, state = sequence(spec.name, options, arrays(0), state)
         o_blocks[b, 0, h] = o
         if blocks.time == "scan":
-            summarize = dask.delayed(
-                _blocks.diagonal_summary if diagonal else _blocks.matrix_summary,
-                nout=4,
-                pure=True,
-            )
-            gate = (spec.gate,) if diagonal else ()
+            summarize = dask.delayed(_blocks.summary, nout=4, pure=True)
             parts = [
-                summarize(spec.name, options, arrays(t), *gate, dtype)
+                summarize(spec.name, options, arrays(t), dtype, diagonal)
                 for t in range(1, len(ch["T"]))
             ]
             prefix = _prefix_scan([(p[3], p[2]) for p in parts], diagonal)
