@@ -158,8 +158,9 @@ class Rule:
     """How the state after a stretch of tokens depends on the state before it, for a scan
     over time blocks (the Dask backend): ``"diagonal"`` (``S -> Diag(d) S + S0``, a decay per
     key channel), ``"matrix"`` (``S -> P S + S0`` with a ``[K, K]`` ``P`` that no value
-    enters, so every value column evolves alike), or None (neither: blocks pass the state
-    on). A call whose options break it (a per-value ``beta``, a normaliser) passes the state."""
+    enters, so every value column evolves alike), or None (neither, or outputs that do not
+    read the state linearly: blocks pass the state on). Both kinds need ``o_t = S_t^T q~_t``.
+    A call whose options break it (a per-value ``beta``, a normaliser) passes the state."""
     flops: int = 6
     """FLOPs per state element and step of the recurrent pass, the least work any form does
     (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""
