@@ -130,7 +130,6 @@ def _at(grid: Any, template: str, b: int, t: int, h: int) -> Any:
 
 def run(call: Call) -> tuple[Any, Any]:
     """``(o, final_state)`` of a Dask call, as lazy Dask arrays."""
-    import dask
     import dask.array as da
 
     blocks = Blocks.of(call)
@@ -151,58 +150,28 @@ def run(call: Call) -> tuple[Any, Any]:
         "cu_seqlens": call.cu_seqlens,
         **{name: getattr(call, name) for name in spec.option_names},
     }
-    dtype = call.dtype
-    out_dtype = call.v.dtype
-    meta = call.v._meta
-    diagonal = spec.transition == "diagonal"
-    sequence = dask.delayed(_blocks.sequence, nout=2, pure=True)
     ch = blocks.chunks
-
     o_blocks: dict[tuple[int, int, int], Any] = {}
     finals: dict[tuple[int, int], Any] = {}
     for b, h in itertools.product(range(len(ch["B"])), range(len(ch["HV"]))):
-
-        def arrays(t: int, b: int = b, h: int = h) -> dict[str, Any]:
-            return {n: _at(grids[n], templates[n], b, t, h) if n in grids else None for n in named}
-
+        tokens = [
+            {n: _at(grids[n], templates[n], b, t, h) if n in grids else None for n in named}
+            for t in range(len(ch["T"]))
+        ]
         state = None
         if state_grids is not None:
             pieces = [_at(g, a.shape, b, 0, h) for g, a in zip(state_grids, layout, strict=True)]
             state = tuple(pieces) if len(layout) > 1 else pieces[0]
-        o, state = sequence(spec.name, options, arrays(0), state)
-        o_blocks[b, 0, h] = o
-        if blocks.time == "scan":
-            summarize = dask.delayed(_blocks.summary, nout=4, pure=True)
-            parts = [
-                summarize(spec.name, options, arrays(t), dtype, diagonal)
-                for t in range(1, len(ch["T"]))
-            ]
-            prefix = _prefix_scan([(p[3], p[2]) for p in parts], diagonal)
-            advance = dask.delayed(_blocks.advance, pure=True)
-            correct = dask.delayed(_blocks.correct, pure=True)
-            entering = state
-            for t, (part, summary) in enumerate(zip(parts, prefix, strict=True), start=1):
-                o_blocks[b, t, h] = correct(part[0], part[1], entering, out_dtype)
-                entering = advance(summary, state, diagonal)
-            state = entering
-        else:
-            for t in range(1, len(ch["T"])):
-                o, state = sequence(spec.name, options, arrays(t), state)
-                o_blocks[b, t, h] = o
-        finals[b, h] = state
+        along_t = _scan if blocks.time == "scan" else _pass_state
+        outputs, finals[b, h] = along_t(call, options, tokens, state)
+        o_blocks.update({(b, t, h): o for t, o in enumerate(outputs)})
 
+    meta, out_dtype = call.v._meta, call.v.dtype
     o = da.block(
         [
             [
                 [
-                    [
-                        da.from_delayed(
-                            o_blocks[b, t, h],
-                            (nb, nt, nh, call.V),
-                            dtype=out_dtype,
-                            meta=meta,
-                        )
-                    ]
+                    [da.from_delayed(o_blocks[b, t, h], (nb, nt, nh, call.V), out_dtype, meta)]
                     for h, nh in enumerate(ch["HV"])
                 ]
                 for t, nt in enumerate(ch["T"])
@@ -213,9 +182,45 @@ def run(call: Call) -> tuple[Any, Any]:
     if not call.output_final_state:
         return o, None
     final = tuple(
-        _assemble_state(finals, blocks, i, a.shape, dtype, meta) for i, a in enumerate(layout)
+        _assemble_state(finals, blocks, i, a.shape, call.dtype, meta) for i, a in enumerate(layout)
     )
     return o, (final if len(layout) > 1 else final[0])
+
+
+def _pass_state(
+    call: Call, options: dict[str, Any], tokens: list[dict[str, Any]], state: Any
+) -> tuple[list[Any], Any]:
+    """Time blocks one after another, each from the last one's final state."""
+    import dask
+
+    sequence = dask.delayed(_blocks.sequence, nout=2, pure=True)
+    outputs = []
+    for arrays in tokens:
+        o, state = sequence(call.spec.name, options, arrays, state)
+        outputs.append(o)
+    return outputs, state
+
+
+def _scan(
+    call: Call, options: dict[str, Any], tokens: list[dict[str, Any]], state: Any
+) -> tuple[list[Any], Any]:
+    """The first time block from ``state``, the others at once from zero; then the prefix
+    scan of their summaries gives the state entering each, which corrects its outputs."""
+    import dask
+
+    diagonal = call.spec.transition == "diagonal"
+    sequence = dask.delayed(_blocks.sequence, nout=2, pure=True)
+    summarize = dask.delayed(_blocks.summary, nout=4, pure=True)
+    advance = dask.delayed(_blocks.advance, pure=True)
+    correct = dask.delayed(_blocks.correct, pure=True)
+    o, first = sequence(call.spec.name, options, tokens[0], state)
+    parts = [summarize(call.spec.name, options, a, call.dtype, diagonal) for a in tokens[1:]]
+    prefix = _prefix_scan([(p[3], p[2]) for p in parts], diagonal)
+    outputs, entering = [o], first
+    for part, summary in zip(parts, prefix, strict=True):
+        outputs.append(correct(part[0], part[1], entering, call.v.dtype))
+        entering = advance(summary, first, diagonal)
+    return outputs, entering
 
 
 def _assemble_state(
