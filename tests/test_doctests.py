@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 
 import pytest
 
@@ -23,6 +24,12 @@ MODULES = [
         ),
     ),
     "fastweights._registry",
+    pytest.param(
+        "fastweights.backends.dask",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("dask") is None, reason="dask is not installed"
+        ),
+    ),
     "fastweights._validate",
     "fastweights.step",
     "fastweights.testing",
