@@ -330,13 +330,22 @@ def _check_gate_signs(rule: Rule, named: dict[str, Any], xp: ModuleType) -> None
 
 
 def _lazy_states(q: Any, state: Any) -> Any:
-    """A NumPy (or CuPy) ``initial_state`` of a Dask call, as a Dask array (not computed)."""
+    """A NumPy (or CuPy) ``initial_state`` of a Dask call, as a Dask array of ``q``'s block
+    type (not computed)."""
     if state is None or not array_api_compat.is_dask_array(q):
         return state
     import dask.array as da
 
+    on_gpu = array_api_compat.is_cupy_array(getattr(q, "_meta", None))
+
     def wrap(x: Any) -> Any:
-        return x if array_api_compat.is_dask_array(x) else da.from_array(x, chunks=x.shape)
+        if array_api_compat.is_dask_array(x):
+            return x
+        if on_gpu and isinstance(x, np.ndarray):
+            import cupy
+
+            x = cupy.asarray(x)
+        return da.from_array(x, chunks=x.shape)
 
     return tuple(wrap(x) for x in state) if isinstance(state, tuple | list) else wrap(state)
 
