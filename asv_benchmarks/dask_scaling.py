@@ -122,7 +122,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    # Uncommitted changes to the library's code (the measured code is the working tree's).
+    # Uncommitted changes to the library's code: the measured code is the working tree's.
     changed = _git("status", "--porcelain", "--", "backends", "fastweights").splitlines()
     import dask
     import distributed
@@ -137,9 +137,9 @@ def machine() -> dict[str, Any]:
         "numba_threading_layer": _threading_layer(),
         "dask": dask.__version__,
         "distributed": distributed.__version__,
-        "fastweights": fastweights.__version__,
+        "fastweights": f"{fastweights.__version__} ({Path(fastweights.__file__).parent})",
         "commit": commit,
-        "uncommitted": [line[3:] for line in changed],
+        "uncommitted": [line.split(maxsplit=1)[-1] for line in changed],
     }
 
 
@@ -149,7 +149,7 @@ def _git(*args: str) -> str:
             ["git", *args],
             capture_output=True,
             text=True,
-            cwd=Path(__file__).resolve().parent,
+            cwd=Path(fastweights.__file__).resolve().parent.parent,  # the measured checkout
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -292,9 +292,9 @@ def measure(
             for _ in range(repeats):
                 for c in active:
                     time.sleep(BLAS_SPIN)
-                    start = time.perf_counter()
+                    t1 = time.perf_counter()
                     calls[c.label]()
-                    mine[c.label].times.append(time.perf_counter() - start)
+                    mine[c.label].times.append(time.perf_counter() - t1)
             for label, build in bench.build.items():
                 if label in mine:
                     mine[label].build = list(build)
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="2,4", help="worker counts beside 1, comma-separated")
     parser.add_argument("--json", help="write the figures and the machine to this file")
     parser.add_argument("--plot", help="draw the speed-ups to this image file")
+    parser.add_argument("--machine", help="describe the machine (default: the CPU's name)")
     ns = parser.parse_args(argv)
     if ns.quick:
         ns.T, ns.batch, ns.batch_T = 4096, 4, 1024
@@ -394,10 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     cfgs = configs(workers)
     info = machine()
+    if ns.machine:
+        info["description"] = ns.machine
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     dirty = f" + uncommitted {', '.join(info['uncommitted'])}" if info["uncommitted"] else ""
     print(
-        f"# {info['cpu']}, {info['cpus']} CPUs; commit {info['commit']}{dirty}; numba "
+        f"# {info.get('description') or info['cpu']}, {info['cpus']} CPUs; "
+        f"commit {info['commit']}{dirty}; numba "
         f"{info['numba']}, dask {info['dask']}; float32 H={H} K=V={D}; "
         f"{ns.repeats} rounds; load average before: {load:.2f}",
         flush=True,
@@ -421,10 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         Path(ns.json).write_text(json.dumps(out, indent=1) + "\n")
     if ns.plot:
-        title = (
-            f"{info['cpu']} ({info['cpus']} CPUs), commit {info['commit']}: float32, H={H}, "
-            f"K=V={D}, median of {ns.repeats}"
-        )
+        where = info.get("description") or f"{info['cpu']} ({info['cpus']} CPUs)"
+        title = f"{where}, commit {info['commit']}: float32, H={H}, K=V={D}, median of {ns.repeats}"
         plot(rows, workloads, ns.plot, title)
 
 
