@@ -103,6 +103,10 @@ class Row:
     error: float = float("nan")  # relative RMS of o against the direct call
     blocks: dict[str, int] | None = None
     time_blocks: str = ""
+    tasks: dict[str, list[float]] = field(default_factory=dict)
+    """Of one more (untimed) call: per kind of task, its count and its seconds of compute in
+    all and on the longest one (``sequence``, ``summary``, ``compose``, ``advance``,
+    ``correct``, ...)."""
 
 
 def configs(workers: list[int]) -> list[Config]:
@@ -253,6 +257,23 @@ class Bench:
 
         return on_dask
 
+    def tasks(self, cfg: Config, call: Callable[[], Any]) -> dict[str, list[float]]:
+        """Run ``call`` once more and sum the workers' compute time by kind of task."""
+        import distributed
+
+        with distributed.get_task_stream(self.clients[cfg.workers]) as stream:
+            call()
+        out: dict[str, list[float]] = {}
+        for task in stream.data:
+            key = task["key"] if isinstance(task["key"], str) else task["key"][0]
+            kind = key.split("-")[0]
+            sec = sum(
+                s["stop"] - s["start"] for s in task["startstops"] if s["action"] == "compute"
+            )
+            count, total, longest = out.get(kind, [0, 0.0, 0.0])
+            out[kind] = [count + 1, total + sec, max(longest, sec)]
+        return out
+
     def plan(self, work: Workload, cfg: Config) -> tuple[dict[str, int], str]:
         lazy_args, lazy_kwargs = self.lazy[cfg.workers, cfg.pieces]
         p = fastweights.plan(getattr(fastweights, work.op), *lazy_args, **lazy_kwargs)
@@ -298,6 +319,10 @@ def measure(
             for label, build in bench.build.items():
                 if label in mine:
                     mine[label].build = list(build)
+            for c in active:
+                if c.workers:
+                    time.sleep(BLAS_SPIN)
+                    mine[c.label].tasks = bench.tasks(c, calls[c.label])
             rows += mine.values()
             base = statistics.median(mine["numba 1t"].times)
             for r in mine.values():
@@ -308,6 +333,13 @@ def measure(
                     f"{base / sec:6.2f}x  ({graph}rel. RMS of o {r.error:.1e})",
                     flush=True,
                 )
+                if r.tasks:
+                    kinds = sorted(r.tasks.items(), key=lambda kv: -kv[1][1])
+                    print(
+                        "      tasks: "
+                        + ", ".join(f"{k} {n:.0f}x {t * 1e3:.0f} ms" for k, (n, t, _) in kinds[:6]),
+                        flush=True,
+                    )
     finally:
         bench.close()
     return rows
