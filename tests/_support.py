@@ -19,7 +19,6 @@ from fastweights.testing import Call
 FORMS = ("recurrent", "chunk", "parallel")
 
 
-
 class DaskBlocks:
     """The namespace the tests give the dask backend: ``asarray`` turns a NumPy array into a
     Dask array in blocks along its first three axes, the last axis excepted (two blocks along
