@@ -176,3 +176,35 @@ def decay_rows_reset_f32(src: Array, c: Array, scratch: Array, red: Array, tiny:
         c[x] = cx
         count += cx < tiny
     return count
+
+
+@jit(inline=True)
+def reduce_rows_f32(src: Array, bits: Array, red: Array, i: int) -> None:
+    """``bits[i], red[i]``: the range reduction of :func:`exp_f32` of ``src[:n]`` (``bits`` an
+    int32 view of a float32 scratch, whose elements are then ``2^m``; ``n = red.shape[1]``).
+    Rows are indexed by ``i`` and elements by the loop variable: an index with an offset
+    compiles to gathers."""
+    for x in range(red.shape[1]):
+        bits[i, x], red[i, x] = _reduce_f32(src[x])
+
+
+@jit(inline=True)
+def reduce_rows_f64(src: Array, bits: Array, red: Array, i: int) -> None:
+    """As :func:`reduce_rows_f32`, in float64."""
+    for x in range(red.shape[1]):
+        bits[i, x], red[i, x] = _reduce_f64(np.float64(src[x]))
+
+
+@jit(inline=True)
+def decayed_f32(cv: float, g: float, r: float, e: float) -> float:
+    """``cv * exp(g)`` from the reduction ``(r, e = 2^m)`` of ``g``, exactly 0 where ``g`` is
+    below the underflow (as :func:`decay_rows_reset_f32`, bit for bit)."""
+    p = cv * (_poly_f32(r) * e)
+    return np.float32(0.0) if g < np.float32(UNDERFLOW32) else p
+
+
+@jit(inline=True)
+def decayed_f64(cv: float, g: float, r: float, e: float) -> float:
+    """As :func:`decayed_f32`, in float64 (as :func:`decay_rows_reset_f64`)."""
+    p = cv * (_poly_f64(r) * e)
+    return 0.0 if np.float64(g) < UNDERFLOW else p

@@ -31,6 +31,10 @@ from typing import Any
 from ._jit import jit, prefer_512, prefetch, prefetch_at, row
 
 pass_kernel = jit(nrt=False, noalias=True)
+inline_pass = jit(nrt=False, noalias=True, inline=True)
+"""A pass inlined into its callers at numba's IR level: a call passes every field of every
+array argument on the stack (about 40 pushes for :func:`pass_delta`, which LLVM did not inline
+into the chunk loops)."""
 
 VB = 64
 """Value columns per state block: 64 float32 columns x 128 keys = 32 KiB, an L1-sized block."""
@@ -48,7 +52,93 @@ def _prefetch_row(PFA: Array, p: int, p1: int, m: int, nxt: int, every: int) -> 
     return p, nxt
 
 
-@pass_kernel
+@jit(inline=True)
+def _row_delta(
+    Sb: Array, x: int, m: int, W: Array, a: float, b: float, c: float, PK: Array, PQ: Array
+) -> None:
+    """Row ``m`` of :func:`pass_delta`: ``s = S[m] + a w``, ``pk += b s``, ``pq += c s``."""
+    for j in range(VB):
+        s = Sb[x, m, j] + a * W[x, j]
+        Sb[x, m, j] = s
+        PK[x, j] += b * s
+        PQ[x, j] += c * s
+
+
+@jit(inline=True)
+def _row_delta_scaled(
+    Sb: Array,
+    x: int,
+    m: int,
+    W: Array,
+    a: float,
+    r: float,
+    b: float,
+    c: float,
+    PK: Array,
+    PQ: Array,
+) -> None:
+    """Row ``m`` of :func:`pass_delta_scaled` (a row whose ``r`` is 0 becomes exactly 0)."""
+    if r == 0.0:
+        # A hard reset: the row is exactly zero, even if it held NaN or Inf.
+        for j in range(VB):
+            Sb[x, m, j] = 0.0
+        return
+    for j in range(VB):
+        s = r * (Sb[x, m, j] + a * W[x, j])
+        Sb[x, m, j] = s
+        PK[x, j] += b * s
+        PQ[x, j] += c * s
+
+
+@jit(inline=True)
+def _row_hebb(Sb: Array, x: int, m: int, W: Array, a: float, c: float, PQ: Array) -> None:
+    """Row ``m`` of :func:`pass_hebb`: ``s = S[m] + a w``, ``pq += c s``."""
+    for j in range(VB):
+        s = Sb[x, m, j] + a * W[x, j]
+        Sb[x, m, j] = s
+        PQ[x, j] += c * s
+
+
+@jit(inline=True)
+def _row_hebb_scaled(
+    Sb: Array, x: int, m: int, W: Array, a: float, r: float, c: float, PQ: Array
+) -> None:
+    """Row ``m`` of :func:`pass_hebb_scaled` (a row whose ``r`` is 0 becomes exactly 0)."""
+    if r == 0.0:
+        for j in range(VB):
+            Sb[x, m, j] = 0.0
+        return
+    for j in range(VB):
+        s = r * (Sb[x, m, j] + a * W[x, j])
+        Sb[x, m, j] = s
+        PQ[x, j] += c * s
+
+
+@jit(inline=True)
+def _row_hebb2(
+    Sb: Array,
+    x: int,
+    m: int,
+    W: Array,
+    W2: Array,
+    a: float,
+    a2: float,
+    c: float,
+    c2: float,
+    PQ: Array,
+    PQ2: Array,
+) -> None:
+    """Row ``m`` of :func:`pass_hebb2`: two steps of :func:`_row_hebb`, one load and one
+    store of the row."""
+    for j in range(VB):
+        s = Sb[x, m, j] + a * W[x, j]
+        PQ[x, j] += c * s
+        s2 = s + a2 * W2[j]
+        Sb[x, m, j] = s2
+        PQ2[j] += c2 * s2
+
+
+@inline_pass
 def pass_delta(
     Sb: Array,
     x: int,
@@ -63,24 +153,19 @@ def pass_delta(
     p0: int,
     p1: int,
 ) -> None:
-    """``S += kw w^T``, then ``pk = S^T kr``, ``pq = S^T qr``; prefetches ``PFA[p0:p1]``."""
+    """``S += kw w^T``, then ``pk = S^T kr``, ``pq = S^T qr``; prefetches ``PFA[p0:p1]``,
+    one in each of the first rows (one test per row, not a schedule's counters)."""
     prefer_512()
     for j in range(VB):
         PK[x, j] = 0.0
         PQ[x, j] = 0.0
     K = Sb.shape[1]
-    p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
+    npf = max(0, min(p1 - p0, K))
     for m in range(K):
-        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
-        a = KA[i, m]
-        b = KB[i + 1, m]
-        c = QB[i + 1, m]
-        for j in range(VB):
-            s = Sb[x, m, j] + a * W[x, j]
-            Sb[x, m, j] = s
-            PK[x, j] += b * s
-            PQ[x, j] += c * s
-    for r in range(p, p1):
+        if m < npf:  # one prefetch in each of the first rows
+            prefetch_at(PFA[p0 + m])
+        _row_delta(Sb, x, m, W, KA[i, m], KB[i + 1, m], QB[i + 1, m], PK, PQ)
+    for r in range(p0 + npf, p1):
         prefetch_at(PFA[r])
 
 
@@ -107,25 +192,12 @@ def pass_delta_scaled(
         PK[x, j] = 0.0
         PQ[x, j] = 0.0
     K = Sb.shape[1]
-    p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
-    for m in range(K):
-        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
-        a = KA[i, m]
-        r = RV[i + 1, m]
-        b = KB[i + 1, m]
-        c = QB[i + 1, m]
-        if r == 0.0:
-            # A hard reset: the row is exactly zero, even if it held NaN or Inf.
-            for j in range(VB):
-                Sb[x, m, j] = 0.0
-            continue
-        for j in range(VB):
-            s = r * (Sb[x, m, j] + a * W[x, j])
-            Sb[x, m, j] = s
-            PK[x, j] += b * s
-            PQ[x, j] += c * s
-    for r in range(p, p1):
+    for r in range(p0, p1):
         prefetch_at(PFA[r])
+    for m in range(K):
+        _row_delta_scaled(
+            Sb, x, m, W, KA[i, m], RV[i + 1, m], KB[i + 1, m], QB[i + 1, m], PK, PQ
+        )  # fmt: skip
 
 
 @pass_kernel
@@ -142,21 +214,53 @@ def pass_hebb(
     p1: int,
 ) -> None:
     """``S += kw w^T``, then ``pq = S^T qr`` (no erase term: the Hebbian family); prefetches
-    ``PFA[p0:p1]``."""
+    ``PFA[p0:p1]`` as :func:`pass_delta`."""
     prefer_512()
     for j in range(VB):
         PQ[x, j] = 0.0
     K = Sb.shape[1]
-    p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
+    npf = max(0, min(p1 - p0, K))
     for m in range(K):
-        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
-        a = KA[i, m]
-        c = QB[i + 1, m]
-        for j in range(VB):
-            s = Sb[x, m, j] + a * W[x, j]
-            Sb[x, m, j] = s
-            PQ[x, j] += c * s
-    for r in range(p, p1):
+        if m < npf:  # one prefetch in each of the first rows
+            prefetch_at(PFA[p0 + m])
+        _row_hebb(Sb, x, m, W, KA[i, m], QB[i + 1, m], PQ)
+    for r in range(p0 + npf, p1):
+        prefetch_at(PFA[r])
+
+
+@pass_kernel
+def pass_hebb2(
+    Sb: Array,
+    x: int,
+    W: Array,
+    W2: Array,
+    KA: Array,
+    QB: Array,
+    i: int,
+    PQ: Array,
+    PQ2: Array,
+    PFA: Array,
+    p0: int,
+    p1: int,
+) -> None:
+    """Two steps of :func:`pass_hebb` in one sweep over the block: ``S += KA[i] w^T``,
+    ``pq = S^T QB[i+1]``, ``S += KA[i+1] w2^T``, ``pq2 = S^T QB[i+2]``. The same operations
+    in the same order (bit for bit), one load and one store per element instead of two; in
+    the Hebbian family the second write ``w2`` is known before the pass. Prefetches
+    ``PFA[p0:p1]`` as :func:`pass_delta`."""
+    prefer_512()
+    for j in range(VB):
+        PQ[x, j] = 0.0
+        PQ2[j] = 0.0
+    K = Sb.shape[1]
+    npf = max(0, min(p1 - p0, K))
+    for m in range(K):
+        if m < npf:  # one prefetch in each of the first rows
+            prefetch_at(PFA[p0 + m])
+        _row_hebb2(
+            Sb, x, m, W, W2, KA[i, m], KA[i + 1, m], QB[i + 1, m], QB[i + 2, m], PQ, PQ2
+        )  # fmt: skip
+    for r in range(p0 + npf, p1):
         prefetch_at(PFA[r])
 
 
@@ -180,22 +284,10 @@ def pass_hebb_scaled(
     for j in range(VB):
         PQ[x, j] = 0.0
     K = Sb.shape[1]
-    p, every, nxt = p0, max(1, K // max(p1 - p0, 1)), 0
-    for m in range(K):
-        p, nxt = _prefetch_row(PFA, p, p1, m, nxt, every)
-        a = KA[i, m]
-        r = RV[i + 1, m]
-        c = QB[i + 1, m]
-        if r == 0.0:
-            for j in range(VB):
-                Sb[x, m, j] = 0.0
-            continue
-        for j in range(VB):
-            s = r * (Sb[x, m, j] + a * W[x, j])
-            Sb[x, m, j] = s
-            PQ[x, j] += c * s
-    for r in range(p, p1):
+    for r in range(p0, p1):
         prefetch_at(PFA[r])
+    for m in range(K):
+        _row_hebb_scaled(Sb, x, m, W, KA[i, m], RV[i + 1, m], QB[i + 1, m], PQ)
 
 
 @pass_kernel
@@ -458,12 +550,39 @@ def chunk_hebb_direct(
     PFA: Array,
     pf0: int,
     per: int,
+    W2: Array,
+    PQ2: Array,
 ) -> None:
     """:func:`chunk_hebb` reading ``v`` and writing ``o`` in place (see
-    :func:`chunk_delta_direct`)."""
+    :func:`chunk_delta_direct`). Two steps neither of which renormalises run as one
+    :func:`pass_hebb2` (``W2``, ``PQ2``: ``VB`` scratch each)."""
     prefer_512()
-    for i in range(rc):
+    i = 0
+    while i < rc:
         p0, p1 = _lines(PFA, pf0, per, i)
+        if i >= i0 and i + 1 < rc and not RVF[i + 1] and not RVF[i + 2]:
+            vr = row(v, b, r0 + i, hv, j0)
+            vr2 = row(v, b, r0 + i + 1, hv, j0)
+            cw = CW[i + 1]
+            for j in range(VB):
+                W2[j] = cw * vr[j]
+            p1 = _lines(PFA, pf0, per, i + 1)[1]
+            pass_hebb2(Sb, x, W, W2, KA, QB, i, PQ, PQ2, PFA, p0, p1)
+            kq = KQ[i + 1]
+            cr = CR[i + 1]
+            orow = row(o, b, r0 + i, hv, j0)
+            for j in range(VB):
+                orow[j] = cr * PQ[x, j] + kq * vr[j]
+            kq = KQ[i + 2]
+            cr = CR[i + 2]
+            cw = CW[i + 2]
+            orow = row(o, b, r0 + i + 1, hv, j0)
+            for j in range(VB):
+                u = vr2[j]
+                W[x, j] = cw * u
+                orow[j] = cr * PQ2[j] + kq * u
+            i += 2
+            continue
         if i < i0:
             for r in range(p0, p1):
                 prefetch_at(PFA[r])
@@ -480,6 +599,7 @@ def chunk_hebb_direct(
             u = vr[j]
             W[x, j] = cw * u
             orow[j] = cr * PQ[x, j] + kq * u
+        i += 1
 
 
 @pass_kernel

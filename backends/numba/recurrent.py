@@ -34,7 +34,14 @@ from numba import prange
 from fastweights.backends import L2NORM_EPS
 
 from ._jit import address, jit, prefer_512, prefetch_at, row
-from ._math import decay_rows_reset_f32, decay_rows_reset_f64
+from ._math import (
+    decay_rows_reset_f32,
+    decay_rows_reset_f64,
+    decayed_f32,
+    decayed_f64,
+    reduce_rows_f32,
+    reduce_rows_f64,
+)
 from ._passes import (
     VB,
     chunk_delta,
@@ -48,7 +55,7 @@ from ._passes import (
     scatter_rows,
 )
 
-TC = 16
+TC = 32
 """Steps whose per-step vectors are prepared together (the inner loop runs block by block)."""
 
 TINY = 1e-18
@@ -187,6 +194,107 @@ def _prepare(
         RVF[i] = renorm
 
 
+@jit(nrt=False, reduce=True, noalias=True)
+def _prepare_gk(
+    q: Array,
+    k: Array,
+    gate: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t: int,
+    rc: int,
+    erase: bool,
+    scale: float,
+    c: Array,
+    E: Array,
+    RED: Array,
+    cd: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    RV: Array,
+    RVF: Array,
+    KQ: Array,
+    CW: Array,
+    CR: Array,
+    sc: Array,
+    tiny_c: float,
+) -> None:
+    """:func:`_prepare` for tokens ``t .. t+rc-1`` of an op with per-key-row decays, one step
+    per token and no l2-normalisation (``gla``, ``kda``): the same values bit for bit, with
+    the ``exp`` of the chunk's gates reduced in one loop (``E``, ``RED``: ``[TC, K]``
+    scratch) and each step's decay, its renormalisation test and its vectors in one pass over
+    the key rows. A step whose running decay falls below ``tiny_c`` (rare) redoes its
+    vectors after the renormalisation."""
+    prefer_512()
+    K = KA.shape[1]
+    sc[0] = scale
+    f = sc[0]
+    # The test c < tiny_c in the compute dtype (a float64 comparison kept the loop at half
+    # width): the smallest value of the dtype >= tiny_c gives the same answer for every c.
+    sc[1] = tiny_c
+    if sc[1] < tiny_c:
+        sc[1] = np.nextafter(sc[1], sc[1] + sc[1])
+    thr = sc[1]
+    if cd.itemsize == 4:
+        bits32 = E.view(np.int32)
+        for i in range(rc):
+            reduce_rows_f32(row(gate, b, t + i, hv, 0), bits32, RED, i)
+    else:
+        bits64 = E.view(np.int64)
+        for i in range(rc):
+            reduce_rows_f64(row(gate, b, t + i, hv, 0), bits64, RED, i)
+    for i in range(1, rc + 1):
+        krow = row(k, b, t + i - 1, h, 0)
+        qrow = row(q, b, t + i - 1, h, 0)
+        grow = row(gate, b, t + i - 1, hv, 0)
+        o = i - 1
+        kq = sc[2]
+        for x in range(K):
+            kq += krow[x] * (qrow[x] * f)
+        KQ[i] = kq
+        tiny = False
+        if cd.itemsize == 4:
+            for x in range(K):
+                cx = decayed_f32(cd[x], grow[x], RED[o, x], E[o, x])
+                cd[x] = cx
+                low = cx < thr
+                tiny |= low
+                kx = krow[x]
+                if erase:
+                    KB[i, x] = kx * cx
+                QB[i, x] = (qrow[x] * f) * cx
+                # A step with a low c is redone below; 1 spares its division by 0 or tiny c.
+                KA[i, x] = kx / (np.float32(1.0) if low else cx)
+        else:
+            for x in range(K):
+                cx = decayed_f64(cd[x], grow[x], RED[o, x], E[o, x])
+                cd[x] = cx
+                low = cx < thr
+                tiny |= low
+                kx = krow[x]
+                if erase:
+                    KB[i, x] = kx * cx
+                QB[i, x] = (qrow[x] * f) * cx
+                KA[i, x] = kx / (1.0 if low else cx)
+        RVF[i] = tiny
+        if tiny:
+            # Renormalise: S~ takes the running decay (RV), which restarts at 1.
+            for x in range(K):
+                RV[i, x] = cd[x]
+                cd[x] = 1.0
+            for x in range(K):
+                cx = cd[x]
+                kx = krow[x]
+                if erase:
+                    KB[i, x] = kx * cx
+                QB[i, x] = (qrow[x] * f) * cx
+                KA[i, x] = kx / cx
+        CR[i] = c[K]
+        CW[i] = 1.0 / c[K]
+
+
 @jit(nrt=False, reduce=True, noalias=True, inline=True)
 def _prepare_rows(
     q: Array,
@@ -271,6 +379,83 @@ def prefetch_capacity(K: int, cols: int, itemsize: int) -> int:
 
 
 @jit(nrt=False)
+def _prefetch_lines_1(
+    q: Array,
+    k: Array,
+    v: Array,
+    gate: Array,
+    beta: Array,
+    o: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t: int,
+    tr: int,
+    rc: int,
+    c0: int,
+    c1: int,
+    PFA: Array,
+) -> int:
+    """:func:`_prefetch_lines` for one step per token, tokens ``t .. t+rc-1`` (rows ``tr ..``
+    of ``k``, ``v`` and ``beta``): the same addresses in the same order, from each input's
+    first row and its stride between tokens (a few additions per line instead of a
+    :func:`row` per line)."""
+    if rc <= 0:
+        return 0  # no rows (t may be one past the last token)
+    line = CACHE_LINE
+    it = v.itemsize
+    nk = k.shape[3] * it
+    nv = (c1 - c0) * it
+    ka = address(row(k, b, tr, h, 0), 0)
+    qa = address(row(q, b, t, h, 0), 0)
+    va = address(row(v, b, tr, hv, c0), 0)
+    oa = address(row(o, b, t, hv, c0), 0)
+    ks, qs, vs, ost = k.strides[1], q.strides[1], v.strides[1], o.strides[1]
+    nbv = 0  # bytes of beta per token: a per-value row, one line for a per-head one
+    ba, bs = 0, 0
+    if beta.shape[3] > 1:
+        nbv = nv
+        ba, bs = address(row(beta, b, tr, hv, c0), 0), beta.strides[1]
+    elif beta.shape[1] > 1:
+        nbv = 1
+        ba, bs = address(row(beta, b, tr, hv, 0), 0), beta.strides[1]
+    ng = 0
+    ga, gs = 0, 0
+    if gate.shape[1] > 1:
+        ng = gate.shape[3] * it
+        ga, gs = address(row(gate, b, t, hv, 0), 0), gate.strides[1]
+    # Through a row pointer: PFA[n] with a signed n compiles to a wraparound test per store.
+    P = row(PFA.reshape((1, 1, 1, PFA.shape[0])), 0, 0, 0, 0)
+    n = 0
+    for _ in range(rc):
+        for x in range(0, nk, line):
+            P[n] = ka + x
+            n += 1
+        for x in range(0, nv, line):
+            P[n] = va + x
+            n += 1
+        for x in range(0, nk, line):
+            P[n] = qa + x
+            n += 1
+        for x in range(0, nv, line):
+            P[n] = oa + x
+            n += 1
+        for x in range(0, nbv, line):
+            P[n] = ba + x
+            n += 1
+        for x in range(0, ng, line):
+            P[n] = ga + x
+            n += 1
+        ka += ks
+        qa += qs
+        va += vs
+        oa += ost
+        ba += bs
+        ga += gs
+    return n
+
+
+@jit(nrt=False)
 def _prefetch_lines(
     q: Array,
     k: Array,
@@ -297,6 +482,10 @@ def _prefetch_lines(
     One head's rows sit ``H * K`` elements apart, a stride the hardware prefetchers do not
     follow across pages, so the kernel prefetches them itself, a chunk ahead.
     """
+    if n_sub == 1:
+        return _prefetch_lines_1(
+            q, k, v, gate, beta, o, b, h, hv, t0 + r0, rb + r0, rc, c0, c1, PFA
+        )  # fmt: skip
     K = k.shape[3]
     step = max(1, CACHE_LINE // v.itemsize)
     n = 0
@@ -412,8 +601,12 @@ def _sweep(
     cd = buf[o0 : o0 + K]
     BS = buf[o0 + K : o0 + K + TC]
     sc = buf[o0 + K + TC : o0 + K + TC + 3]
-    escr = np.empty(K, dt)  # scratch of the per-key-row exp
-    red = np.empty(K, dt)
+    W2 = np.empty(VB, dt)  # the second write and read of a two-step pass (pass_hebb2)
+    PQ2 = np.empty(VB, dt)
+    escr = np.empty(TC * K, dt)  # scratch of the per-key-row exp
+    red = np.empty(TC * K, dt)
+    E2 = escr.reshape((TC, K))
+    RED2 = red.reshape((TC, K))
     RVF = np.zeros(n1, np.bool_)
     c0 = vb0 * VB
     c1 = min(vb1 * VB, V)
@@ -457,10 +650,16 @@ def _sweep(
             )  # fmt: skip
         lines = PFA[:n]
         per = -(-n // (rc * nb))
-        _prepare(
-            q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
-            c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc, tiny_c,
-        )  # fmt: skip
+        if gate_kind == 2 and n_sub == 1 and not l2norm:
+            _prepare_gk(
+                q, k, gate, b, h, hv, t0 + r0, rc, erase, scale, c, E2, RED2, cd, KA, KBv,
+                QB, RV, RVF, KQ, CW, CR, sc, tiny_c,
+            )  # fmt: skip
+        else:
+            _prepare(
+                q, k, gate, b, h, hv, t0, rb, r0, rc, n_sub, gate_kind, erase, l2norm, scale,
+                c, escr, red, cd, KA, KBv, QB, RV, RVF, KQ, CW, CR, sc, tiny_c,
+            )  # fmt: skip
         if erase and not beta_per_value:
             for i in range(rc):
                 BS[i] = beta[b, rb + r0 + i, hv, 0]
@@ -481,7 +680,7 @@ def _sweep(
                 else:
                     chunk_hebb_direct(
                         Sb, x, W, PQ, KA, QB, RV, RVF, KQ, CW, CR, v, o, b, rb + r0, hv, j0,
-                        i0, rc, lines, x * rc * per, per,
+                        i0, rc, lines, x * rc * per, per, W2, PQ2,
                     )  # fmt: skip
                 continue
             gather_rows(v, b, rb + r0, hv, j0, nv, rc, VC)
