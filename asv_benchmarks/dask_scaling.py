@@ -177,6 +177,9 @@ def relative_rms(x: np.ndarray, ref: np.ndarray) -> float:
 class Bench:
     """The clusters, the persisted inputs of the current workload, and the timed calls."""
 
+    keep = False
+    """Time ``client.persist`` (results left on the workers) instead of ``client.compute``."""
+
     def __init__(self, workers: list[int]) -> None:
         import distributed
 
@@ -253,6 +256,12 @@ class Bench:
             start = time.perf_counter()
             o, S = op(*lazy_args, **lazy_kwargs, output_final_state=True)
             build.append(time.perf_counter() - start)
+            if self.keep:  # the results stay on the workers
+                import distributed
+
+                kept = client.persist([o, S])
+                distributed.wait(kept)
+                return o, S
             return tuple(client.compute((o, S), sync=True))
 
         return on_dask
@@ -281,7 +290,12 @@ class Bench:
 
 
 def measure(
-    workloads: list[Workload], cfgs: list[Config], repeats: int, workers: list[int], start: float
+    workloads: list[Workload],
+    cfgs: list[Config],
+    repeats: int,
+    workers: list[int],
+    start: float,
+    keep: bool = False,
 ) -> list[Row]:
     rows: list[Row] = []
     bench = Bench(workers)
@@ -310,6 +324,7 @@ def measure(
             del o, want
             for build in bench.build.values():
                 build.clear()  # the warm-up's
+            bench.keep = keep
             for _ in range(repeats):
                 for c in active:
                     time.sleep(BLAS_SPIN)
@@ -323,6 +338,7 @@ def measure(
                 if c.workers:
                     time.sleep(BLAS_SPIN)
                     mine[c.label].tasks = bench.tasks(c, calls[c.label])
+            bench.keep = False
             rows += mine.values()
             base = statistics.median(mine["numba 1t"].times)
             for r in mine.values():
@@ -416,6 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the figures and the machine to this file")
     parser.add_argument("--plot", help="draw the speed-ups to this image file")
     parser.add_argument("--machine", help="describe the machine (default: the CPU's name)")
+    parser.add_argument(
+        "--persist",
+        action="store_true",
+        help="time client.persist (o and S left on the workers) instead of client.compute",
+    )
     ns = parser.parse_args(argv)
     if ns.quick:
         ns.T, ns.batch, ns.batch_T = 4096, 4, 1024
@@ -439,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     start = time.perf_counter()
-    rows = measure(workloads, cfgs, ns.repeats, workers, start)
+    rows = measure(workloads, cfgs, ns.repeats, workers, start, keep=ns.persist)
     wall = time.perf_counter() - start
     info["numba_threading_layer"] = _threading_layer()
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -450,7 +471,14 @@ def main(argv: list[str] | None = None) -> None:
         out = {
             "machine": info,
             "load_average": [load, load_after],
-            "settings": {"H": H, "K": D, "V": D, "dtype": "float32", "repeats": ns.repeats},
+            "settings": {
+                "H": H,
+                "K": D,
+                "V": D,
+                "dtype": "float32",
+                "repeats": ns.repeats,
+                "persist": ns.persist,
+            },
             "workloads": [vars(w) | {"tokens": w.tokens} for w in workloads],
             "rows": [vars(r) | _rates(r, rows, workloads) for r in rows],
             "wall_s": wall,
