@@ -155,6 +155,28 @@ def test_a_dask_cu_seqlens_is_declined_at_the_call() -> None:
         fastweights.gla(*(lazy(a) for a in args), **kwargs)
 
 
+@pytest.mark.parametrize("nan_at", [3, 11])  # the first time block, or a scanned one
+@pytest.mark.parametrize(
+    ("op", "gate"),
+    [("gated_delta_rule", "g"), ("simple_gla", "g"), ("gla", "gk"), ("kda", "gk"), ("dplr", "gk")],
+)
+def test_a_reset_clears_a_nan_from_an_earlier_time_block(op: str, gate: str, nan_at: int) -> None:
+    """A ``-inf`` gate zeroes the state exactly, NaN included, in one call; the scan must
+    too (a zero transition times a NaN state is NaN in plain arithmetic)."""
+    call = random_call(op, seed=19, batch=1, length=32, initial_state=False)
+    v, g = call.arrays["v"].copy(), call.arrays[gate].copy()
+    v[0, nan_at, 0, 0] = np.nan
+    g[0, 20, 0, ...] = -np.inf  # in the third time block
+    call = _with(call, v=v, **{gate: g})
+    o, S = (to_numpy(x) for x in run_lazy(call, (1, 8, 1), output_final_state=True))
+    want_o, want_S = single(call, output_final_state=True)
+    for got, want in ((o, want_o), (S, want_S)):
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if op != "dplr":  # dplr's low-rank term still reads the old state through a -inf gk
+        assert np.isfinite(o[0, 20:]).all()
+
+
 # -- validation never computes; value checks run in the graph -----------------------------------
 
 

@@ -52,23 +52,50 @@ def summary(
     return o[..., :V], o[..., V:], S[..., :V], P
 
 
+def _times(P: Any, S: Any, diagonal: bool) -> Any:
+    """``P S`` (``Diag(P) S`` if ``diagonal``) where a zero coefficient contributes exactly zero,
+    also against a NaN or infinite entry of ``S``: a ``-inf`` gate (a decay of exactly 0) resets
+    the state inside a block, and must clear a NaN that an earlier block left, as it does in
+    one call. Finite ``S`` (the usual case) costs one product."""
+    xp = array_api_compat.array_namespace(P, S)
+    if diagonal:
+        scaled = P[..., None] * S
+        return scaled if bool(xp.all(xp.isfinite(S))) else xp.where(P[..., None] == 0, 0, scaled)
+    if bool(xp.all(xp.isfinite(S))):
+        return P @ S
+    finite = xp.isfinite(S)
+    zero = xp.zeros_like(S)
+    out = P @ xp.where(finite, S, zero)
+
+    def hits(a: Any, b: Any) -> Any:  # how many nonzero coefficients meet such entries
+        return xp.astype(a, S.dtype) @ xp.astype(b, S.dtype) > 0
+
+    pos, neg = xp.isinf(S) & (S > 0), xp.isinf(S) & (S < 0)
+    nan = hits(P != 0, xp.isnan(S))
+    up = hits(P > 0, pos) | hits(P < 0, neg)
+    down = hits(P > 0, neg) | hits(P < 0, pos)
+    out = xp.where(up, xp.inf, out)
+    out = xp.where(down, -xp.inf, out)
+    return xp.where(nan | (up & down), xp.nan, out)
+
+
 def compose(later: tuple[Any, Any], earlier: tuple[Any, Any], diagonal: bool) -> Any:
     """The summary of two consecutive stretches: ``(P2 P1, P2 S1 + S2)``."""
     (P2, S2), (P1, S1) = later, earlier
     if diagonal:
-        return P2 * P1, P2[..., None] * S1 + S2
-    return P2 @ P1, P2 @ S1 + S2
+        return _times(P2, P1[..., None], True)[..., 0], _times(P2, S1, True) + S2
+    return _times(P2, P1, False), _times(P2, S1, False) + S2
 
 
 def advance(summary: tuple[Any, Any], state: Any, diagonal: bool) -> Any:
     """The state after a stretch with this summary, from ``state``: ``P state + S0``."""
     P, S0 = summary
-    return (P[..., None] * state if diagonal else P @ state) + S0
+    return _times(P, state, diagonal) + S0
 
 
 def correct(o0: Any, c: Any, state: Any, dtype: Any) -> Any:
     """The block's output from ``state``: ``o0_t + state^T c_t``, in ``dtype``."""
     xp = array_api_compat.array_namespace(o0)
     heads_first = xp.permute_dims(c, (0, 2, 1, 3))  # [N, HV, T, K]
-    read = xp.permute_dims(heads_first @ state, (0, 2, 1, 3))  # [N, T, HV, V]
+    read = xp.permute_dims(_times(heads_first, state, False), (0, 2, 1, 3))  # [N, T, HV, V]
     return xp.astype(o0 + read, dtype)
