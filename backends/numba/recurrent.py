@@ -119,14 +119,6 @@ def _prepare(
         sub = r - tt * n_sub
         t = t0 + tt
         krow = row(k, b, rb + r, h, 0)
-        if gate_kind == 2 and not l2norm:
-            _prepare_rows(
-                q, krow, gate, b, h, hv, t, i, sub, n_sub, erase, scale, escr, red, cd, KA,
-                KB, QB, RV, RVF, KQ, sc, tiny_c,
-            )  # fmt: skip
-            CR[i] = c[K]
-            CW[i] = 1.0 / c[K]
-            continue
         for x in range(K):
             KA[i, x] = krow[x]
         if l2norm:
@@ -293,80 +285,6 @@ def _prepare_gk(
                 KA[i, x] = kx / cx
         CR[i] = c[K]
         CW[i] = 1.0 / c[K]
-
-
-@jit(nrt=False, reduce=True, noalias=True, inline=True)
-def _prepare_rows(
-    q: Array,
-    krow: Array,
-    gate: Array,
-    b: int,
-    h: int,
-    hv: int,
-    t: int,
-    i: int,
-    sub: int,
-    n_sub: int,
-    erase: bool,
-    scale: float,
-    escr: Array,
-    red: Array,
-    cd: Array,
-    KA: Array,
-    KB: Array,
-    QB: Array,
-    RV: Array,
-    RVF: Array,
-    KQ: Array,
-    sc: Array,
-    tiny_c: float,
-) -> None:
-    """Row ``i`` of :func:`_prepare` for per-key-row decays without l2-normalisation: the
-    same values, in two passes over the key rows instead of five (the decay comes first,
-    then ``k . q~`` and the scaled vectors straight from the input rows)."""
-    K = KA.shape[1]
-    renorm = False
-    if sub == 0:
-        grow = row(gate, b, t, hv, 0)
-        if cd.itemsize == 4:
-            tiny = decay_rows_reset_f32(grow, cd, escr, red, tiny_c)
-        else:
-            tiny = decay_rows_reset_f64(grow, cd, escr, red, tiny_c)
-        if tiny:
-            renorm = True
-            for x in range(K):
-                RV[i, x] = cd[x]
-                cd[x] = 1.0
-    RVF[i] = renorm
-    kq = sc[2]
-    if sub == n_sub - 1:
-        qrow = row(q, b, t, h, 0)
-        sc[0] = scale
-        f = sc[0]
-        for x in range(K):
-            kq += krow[x] * (qrow[x] * f)
-        if erase:
-            for x in range(K):
-                cx = cd[x]
-                kx = krow[x]
-                KB[i, x] = kx * cx
-                QB[i, x] = (qrow[x] * f) * cx
-                KA[i, x] = kx / cx
-        else:
-            for x in range(K):
-                cx = cd[x]
-                QB[i, x] = (qrow[x] * f) * cx
-                KA[i, x] = krow[x] / cx
-    else:
-        z = sc[2]
-        for x in range(K):
-            cx = cd[x]
-            kx = krow[x]
-            if erase:
-                KB[i, x] = kx * cx
-            QB[i, x] = z * cx
-            KA[i, x] = kx / cx
-    KQ[i] = kq
 
 
 @jit(nrt=False)
