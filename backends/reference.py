@@ -48,22 +48,23 @@ class ReferenceBackend:
     def step(self, call: Call) -> tuple[Any, Any]:
         """One decoding step: gather the pool rows, run one recurrent step, write them back."""
         xp, idx = call.xp, call.state_indices
-        pools = call.state_pool if call.normalize else (call.state_pool,)
+        pair = isinstance(call.state_pool, tuple | list)
+        pools = tuple(call.state_pool) if pair else (call.state_pool,)
         current = tuple(gather_rows(xp, pool, idx) for pool in pools)
         sequence = dataclasses.replace(
             call,
-            initial_state=current if call.normalize else current[0],
+            initial_state=current if pair else current[0],
             state_pool=None,
             state_indices=None,
             output_final_state=True,
             form="recurrent",
         )
         o, final = self.run(sequence)
-        finals = final if call.normalize else (final,)
+        finals = final if pair else (final,)
         written = tuple(
             write_rows(xp, pool, idx, new) for pool, new in zip(pools, finals, strict=True)
         )
-        return o[:, 0, ...], (written if call.normalize else written[0])
+        return o[:, 0, ...], (written if pair else written[0])
 
 
 backend = ReferenceBackend()

@@ -51,7 +51,7 @@ def _sequence(op: str, arguments: dict[str, Any]) -> tuple[Any, Any]:
     """Validate and run a call of ``op`` given by argument name."""
     args = dict(arguments)
     backend = args.pop("backend")
-    call = validate(op, args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    call = validate(op, **args)
     return select(call, backend).run(call)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .rules import delta, dplr
+from .rules import delta, dplr, mesa
 from .rules._rule import FORMS, Arg, Rule
 
-FAMILIES: dict[str, ModuleType] = {"delta": delta, "dplr": dplr}
+FAMILIES: dict[str, ModuleType] = {"delta": delta, "dplr": dplr, "mesa": mesa}
 """Family name -> its package: descriptions, problem preparation and forms."""
 
 RULES: dict[str, Rule] = {rule.name: rule for family in FAMILIES.values() for rule in family.RULES}

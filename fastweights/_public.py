@@ -38,13 +38,42 @@ STEP_KEYWORDS: tuple[tuple[str, str, Any], ...] = (
 
 
 def _signature(rule: Rule, *, step: bool) -> tuple[list[str], list[tuple[str, str, Any]]]:
-    positional = list(rule.positional) + (["state"] if step else [])
+    positional = [*rule.step_positional, "state"] if step else list(rule.positional)
     keywords: list[tuple[str, str, Any]] = [
-        (a.name, "Any", None) for a in rule.args if a.keyword_only
+        (a.name, "Any", None) for a in rule.args if a.keyword_only and (a.step or not step)
     ]
     keywords += [(o.name, o.annotation, o.default) for o in rule.options if o.step or not step]
-    keywords += list(STEP_KEYWORDS if step else SEQUENCE_KEYWORDS)
+    for name, annotation, default in STEP_KEYWORDS if step else SEQUENCE_KEYWORDS:
+        if name == "scale" and rule.default_scale is not None:
+            annotation, default = "float", rule.default_scale
+        if name in rule.common or name in ("backend", "state_indices"):
+            keywords.append((name, annotation, default))
     return positional, keywords
+
+
+def _common_doc(rule: Rule, common: str, *, step: bool) -> str:
+    """The entries of ``common`` for the keywords ``rule`` takes, then its Returns section."""
+    text = textwrap.dedent(common).strip("\n")
+    params, _, returns = text.partition("\nReturns\n")
+    taken = {name for name, _, _ in _signature(rule, step=step)[1]}
+    entries: list[list[str]] = []
+    for line in params.splitlines():
+        if line and not line[0].isspace():
+            entries.append([line])
+        else:
+            entries[-1].append(line)
+    kept = []
+    for entry in entries:
+        name = entry[0].split(" :", 1)[0]
+        if name not in taken:
+            continue
+        if name == "scale" and rule.default_scale is not None:
+            entry = [
+                "scale : float",
+                f"    Multiplies the read-out; default {rule.default_scale} for this rule.",
+            ]
+        kept.extend(entry)
+    return "\n".join([*kept, "", "Returns", *returns.splitlines()])
 
 
 def _docstring(rule: Rule, common: str, *, step: bool) -> str:
@@ -58,7 +87,7 @@ def _docstring(rule: Rule, common: str, *, step: bool) -> str:
         example = rule.example
     params = parameters_doc(rule, step=step)
     sections = [p for p in parts if p]
-    body = inspect.cleandoc("\n" + params) + "\n" + textwrap.dedent(common).strip("\n")
+    body = inspect.cleandoc("\n" + params) + "\n" + _common_doc(rule, common, step=step)
     sections.append("Parameters\n----------\n" + body)
     if example:
         sections.append("Examples\n--------\n" + inspect.cleandoc(example))

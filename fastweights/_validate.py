@@ -11,7 +11,7 @@ import functools
 import numbers
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -80,12 +80,23 @@ class Call:
     """Decoding: host int64 rows of the pool, distinct and in range; None means arange(N)."""
     called: str = ""
     """The op the user called, when it is an instance rewritten to ``op`` (``rwkv7``)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The rule's own options beyond ``normalize`` and ``num_householder``, checked, by name
+    (``mesa_net``'s ``solver`` and ``max_cg_iterations``); also readable as attributes."""
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not fields: the arrays of some rule.
+        # Only reached for names that are not fields: the arrays or options of some rule.
         if name in ARG_NAMES:
             return self.__dict__["inputs"].get(name)
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def out(self) -> Any:
+        """The array whose dtype ``o`` takes (``v``; ``srwm``: ``x``)."""
+        return self.v if self.spec.out == "v" else self.inputs[self.spec.out]
 
     @property
     def beta_per_value(self) -> bool:
@@ -209,7 +220,9 @@ def _check_shape(name: str, x: Any, expected: tuple[int, ...], labels: str) -> N
         raise _shape_error(name, f"{labels} = {expected}", x)
 
 
-def _check_scale(scale: Any, K: int) -> float:
+def _check_scale(scale: Any, K: int, default: float | None = None) -> float:
+    if scale is None and default is not None:
+        return default
     if scale is None:
         if K == 0:
             raise ValueError(
@@ -308,23 +321,43 @@ def _check_gate_sign(name: str, x: Any, xp: ModuleType) -> None:
         raise ValueError(f"{name} is a log-decay and must be <= 0 (decay = exp({name}) <= 1)")
 
 
-def _sign_checked_block(name: str, block: Any) -> Any:
-    _check_gate_sign(name, block, array_api_compat.array_namespace(block))
+def _check_positive(name: str, x: Any, xp: ModuleType) -> None:
+    # NaN fails "> 0" and is refused; a traced value is a promise, as for a gate's sign.
+    if _is_traced(x):
+        return
+    if array_api_compat.is_numpy_array(x):
+        ok = bool(np.all(x > 0))
+    else:
+        flag = xp.all(x > 0)
+        if _is_traced(flag):
+            return
+        ok = bool(flag)
+    if not ok:
+        raise ValueError(f"{name} must be positive (every value > 0), got a value <= 0 or NaN")
+
+
+def _value_checked_block(name: str, positive: bool, block: Any) -> Any:
+    check = _check_positive if positive else _check_gate_sign
+    check(name, block, array_api_compat.array_namespace(block))
     return block
 
 
 def _check_gate_signs(rule: Rule, named: dict[str, Any], xp: ModuleType) -> None:
-    """The sign of each log-decay of ``rule`` in ``named``. A Dask gate is not computed: it
-    is replaced by a lazy copy that checks each block as the graph computes it (API.md)."""
-    for name in rule.log_decays:
-        x = named[name]
+    """The sign of each log-decay of ``rule`` in ``named``, and that each argument that must
+    be positive is. A Dask array is not computed: it is replaced by a lazy copy that checks
+    each block as the graph computes it (API.md)."""
+    checks = [(n, False) for n in rule.log_decays] + [(n, True) for n in rule.positives]
+    for name, positive in checks:
+        x = named.get(name)
         if x is None:
             continue
         if array_api_compat.is_dask_array(x):
             import dask.array as da
 
-            check = functools.partial(_sign_checked_block, name)
+            check = functools.partial(_value_checked_block, name, positive)
             named[name] = da.map_blocks(check, x, dtype=x.dtype, meta=getattr(x, "_meta", None))
+        elif positive:
+            _check_positive(name, x, xp)
         else:
             _check_gate_sign(name, x, xp)
 
@@ -356,15 +389,13 @@ def _check_state(
     rule: Rule,
     normalize: bool,
     rows: int,
-    HV: int,
-    K: int,
-    V: int,
+    call_sizes: dict[str, int],
     rows_label: str,
 ) -> dict[str, Any]:
     """Shapes of a state (or state pool) against the rule's state layout (one array, or a
     tuple such as ``(S, z)``); returns its arrays by name for the dtype check."""
     layout = rule.state_layout(normalize=normalize)
-    sizes = {"N": rows, "HV": HV, "K": K, "V": V}
+    sizes = {**call_sizes, "N": rows}
     labels = {"N": rows_label}
     if len(layout) > 1:
         names = ", ".join(a.name for a in layout)
@@ -377,6 +408,7 @@ def _check_state(
         out = {}
         for i, (arg, x) in enumerate(zip(layout, state, strict=True)):
             _namespace(f"{name}[{i}]", x)
+            _dims(f"{name}[{i}]", x)
             _check_template(f"{name}[{i}]", x, arg.shapes, sizes, labels)
             out[f"{name}[{i}]"] = x
         return out
@@ -393,6 +425,8 @@ class _Layout:
     """What validation reads from a rule's description, worked out once per rule."""
 
     names: frozenset[str]
+    step_names: frozenset[str]
+    """The arrays the decoding step takes (``srwm``'s step has no ``W0``)."""
     required: tuple[str, ...]
     product: bool
     """Several rows per token (DeltaProduct): ``k, v, beta`` have ``R = T * n`` rows."""
@@ -413,6 +447,7 @@ def _layout(op: str) -> _Layout:
             token_axis.add(a.name)
     return _Layout(
         frozenset(rule.arg_names),
+        frozenset(a.name for a in rule.args if a.step),
         tuple(a.name for a in rule.args if not a.optional),
         product,
         {a.name: tuple(step_shape(t, product) for t in a.shapes) for a in rule.args},
@@ -420,16 +455,40 @@ def _layout(op: str) -> _Layout:
     )
 
 
-def _rule_inputs(rule: Rule, inputs: dict[str, Any]) -> dict[str, Any]:
+SPECIAL_OPTIONS = frozenset({"normalize", "num_householder"})
+"""Options with a field of their own in :class:`Call`; the others go to ``Call.options``."""
+
+
+def _rule_options(rule: Rule, inputs: dict[str, Any], *, step: bool) -> dict[str, Any]:
+    """The rule's own options taken out of ``inputs`` and checked (``solver``, ...)."""
+    out = {}
+    for o in rule.options:
+        if o.name in SPECIAL_OPTIONS:
+            continue
+        value = inputs.pop(o.name, o.default) if (o.step or not step) else o.default
+        if o.annotation == "int":
+            value = _check_int(o.name, value, 0 if o.minimum is None else o.minimum)
+        elif o.annotation == "str" and not isinstance(value, str):
+            raise TypeError(f"{o.name} must be a str, got {type(value).__name__}")
+        elif o.annotation == "bool":
+            value = _check_flag(o.name, value)
+        if o.choices and value not in o.choices:
+            raise ValueError(f"{o.name} must be one of {o.choices}, got {value!r}")
+        out[o.name] = value
+    return out
+
+
+def _rule_inputs(rule: Rule, inputs: dict[str, Any], *, step: bool = False) -> dict[str, Any]:
     """The rule's arrays after ``q, k, v`` by name; unknown and missing ones raise."""
     layout = _layout(rule.name)
-    if not layout.names.issuperset(inputs):
-        unknown = sorted(set(inputs) - layout.names)
+    names = layout.step_names if step else layout.names
+    if not names.issuperset(inputs):
+        unknown = sorted(set(inputs) - names)
         raise TypeError(f"{rule.name} got unexpected arguments {unknown}")
     for name in layout.required:
-        if inputs.get(name) is None:
+        if inputs.get(name) is None and name in names:
             raise TypeError(f"{rule.name} needs {name}, got None")
-    return {a.name: inputs.get(a.name) for a in rule.args}
+    return {a.name: inputs.get(a.name) for a in rule.args if a.name in names}
 
 
 def _check_template(
@@ -527,11 +586,55 @@ def _check_rank(name: str, x: Any, rank: int, labels: str) -> None:
         raise ValueError(f"{name} must have rank {rank} {labels}, got shape {tuple(x.shape)}")
 
 
+def _qkv_sizes(
+    rule: Rule, q: Any, k: Any, v: Any, num_householder: Any
+) -> tuple[dict[str, int], dict[str, str], int]:
+    """Sizes of a sequence call read from ``q, k, v`` (checked), labels for messages, ``n``."""
+    _check_rank("q", q, 4, "[B, T, H, K]")
+    B, T, H, K = (int(d) for d in q.shape)
+    n = 1
+    if "num_householder" in rule.option_names:
+        n = _check_int("num_householder", num_householder, 1, MAX_HOUSEHOLDER)
+    rows, rows_label = T * n, ("T" if n == 1 else "T * num_householder")
+    k_rows = "R" in dims_of(rule.qkv[1].shape)
+    k_label = rows_label if k_rows else "T"
+    _check_rank("k", k, 4, "[B, T, H, K]")
+    _check_shape("k", k, (B, rows if k_rows else T, H, K), f"[B, {k_label}, H, K]")
+    _check_rank("v", v, 4, "[B, T, HV, V]")
+    if tuple(v.shape[:2]) != (B, rows if k_rows else T):
+        raise _shape_error("v", f"[B, {k_label}, HV, V] with B, {k_label} = {B, rows}", v)
+    HV, V = int(v.shape[2]), int(v.shape[3])
+    _check_heads(rule, H, HV, " (v.shape[2])", " (q.shape[2])")
+    sizes = {"B": B, "T": T, "R": rows, "H": H, "HV": HV, "K": K, "V": V}
+    return sizes, {"R": rows_label}, n
+
+
+def _check_heads(rule: Rule, H: int, HV: int, hv_at: str, h_at: str) -> None:
+    if HV == 0 or H == 0 or HV % H:
+        raise ValueError(
+            f"the value heads HV = {HV}{hv_at} must be a positive multiple of the "
+            f"query/key heads H = {H}{h_at}"
+        )
+    if rule.same_heads and HV != H:
+        raise ValueError(
+            f"{rule.name} needs one value head per query/key head: HV = {HV}{hv_at} must "
+            f"equal H = {H}{h_at}"
+        )
+
+
+def _own_sizes(rule: Rule, named: dict[str, Any], **extra: Any) -> dict[str, int]:
+    """Sizes of a call of a rule without ``q, k, v``, from its own ``sizes``."""
+    assert rule.sizes is not None
+    shapes = {n: tuple(int(d) for d in x.shape) for n, x in named.items() if x is not None}
+    shapes.update({n: tuple(int(d) for d in x.shape) for n, x in extra.items()})
+    return rule.sizes(shapes)
+
+
 def validate(
     op: str,
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Any = None,
+    k: Any = None,
+    v: Any = None,
     *,
     scale: Any = None,
     initial_state: Any = None,
@@ -547,35 +650,21 @@ def validate(
     """Check a sequence call of ``op`` against its description (:class:`Rule`) and API.md,
     and describe it as a :class:`Call` of the op a backend runs (an instance's parent)."""
     rule = RULES[op]
-    named = {"q": q, "k": k, "v": v, **_rule_inputs(rule, inputs)}
+    options = _rule_options(rule, inputs, step=False)
+    qkv = {"q": q, "k": k, "v": v} if rule.qkv else {}
+    named = {**qkv, **_rule_inputs(rule, inputs)}
     for name, x in named.items():
-        if x is not None or name in ("q", "k", "v"):
+        if x is not None or name in qkv:
             _namespace(name, x)
             _dims(name, x)
     normalize = _check_flag("normalize", normalize)
     output_final_state = _check_flag("output_final_state", output_final_state)
     use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    B, T, H, K = (int(d) for d in q.shape)
-    n = 1
-    if "num_householder" in rule.option_names:
-        n = _check_int("num_householder", num_householder, 1, MAX_HOUSEHOLDER)
-    rows, rows_label = T * n, ("T" if n == 1 else "T * num_householder")
-    k_rows = "R" in dims_of(rule.qkv[1].shape)
-    k_label = rows_label if k_rows else "T"
-    _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_shape("k", k, (B, rows if k_rows else T, H, K), f"[B, {k_label}, H, K]")
-    _check_rank("v", v, 4, "[B, T, HV, V]")
-    if tuple(v.shape[:2]) != (B, rows if k_rows else T):
-        raise _shape_error("v", f"[B, {k_label}, HV, V] with B, {k_label} = {B, rows}", v)
-    HV, V = int(v.shape[2]), int(v.shape[3])
-    if HV == 0 or H == 0 or HV % H:
-        raise ValueError(
-            f"the value heads HV = {HV} (v.shape[2]) must be a positive multiple of the "
-            f"query/key heads H = {H} (q.shape[2])"
-        )
-    sizes = {"B": B, "T": T, "R": rows, "H": H, "HV": HV, "K": K, "V": V}
-    labels = {"R": rows_label}
+    if rule.qkv:
+        sizes, labels, n = _qkv_sizes(rule, q, k, v, num_householder)
+    else:
+        sizes, labels, n = _own_sizes(rule, named), {}, 1
+    B, T, H, HV, K = (sizes[d] for d in ("B", "T", "H", "HV", "K"))
     for arg in rule.args:
         if named[arg.name] is not None:
             _check_template(arg.name, named[arg.name], arg.shapes, sizes, labels)
@@ -587,13 +676,14 @@ def validate(
     cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else int(cu.shape[0]) - 1
     states: dict[str, Any] = {}
-    initial_state = _lazy_states(q, initial_state)
+    lead = next(iter(named.values()))
+    initial_state = _lazy_states(lead, initial_state)
     if initial_state is not None:
-        states = _check_state("initial_state", initial_state, rule, normalize, N, HV, K, V, "N")
+        states = _check_state("initial_state", initial_state, rule, normalize, N, sizes, "N")
     if not isinstance(form, str) or form not in FORM_CHOICES:
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
     chunk = _check_int("chunk_size", chunk_size, 1)
-    scale_value = _check_scale(scale, K)
+    scale_value = _check_scale(scale, K, rule.default_scale)
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
     )
@@ -608,10 +698,11 @@ def validate(
         spec=parent,
         xp=xp,
         device=dev,
-        q=arrays["q"],
-        k=arrays["k"],
-        v=arrays["v"],
+        q=arrays.get("q"),
+        k=arrays.get("k"),
+        v=arrays.get("v"),
         inputs={name: arrays.get(name) for name in parent.arg_names},
+        options=options,
         initial_state=initial_state,
         scale=scale_value,
         normalize=normalize,
@@ -627,7 +718,7 @@ def validate(
         H=H,
         HV=HV,
         K=K,
-        V=V,
+        V=sizes["V"],
         N=N,
     )
     if form != "auto":
@@ -635,36 +726,12 @@ def validate(
     return call
 
 
-def validate_step(
-    op: str,
-    q: Any,
-    k: Any,
-    v: Any,
-    state: Any,
-    *,
-    scale: Any = None,
-    state_indices: Any = None,
-    use_qk_l2norm: bool = False,
-    normalize: bool = False,
-    **inputs: Any,
-) -> Call:
-    """Check a one-token decoding call and describe it as a :class:`Call` with ``T == 1``.
-
-    Arrays arrive in the one-token layout of their description (:func:`step_shape`: ``B``
-    becomes ``N``, ``T`` is dropped) and leave in the sequence layout with ``T == 1``.
-    """
-    rule = RULES[op]
-    named = {"q": q, "k": k, "v": v, **_rule_inputs(rule, inputs)}
-    for name, x in named.items():
-        if type(x) is not np.ndarray and (x is not None or name in ("q", "k", "v")):
-            _namespace(name, x)
-            _dims(name, x)
-    normalize = _check_flag("normalize", normalize)
-    use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
+def _qkv_step_sizes(
+    rule: Rule, product: bool, q: Any, k: Any, v: Any
+) -> tuple[dict[str, int], int]:
+    """Sizes of a decoding call read from ``q, k, v`` (checked), and ``n``."""
     _check_rank("q", q, 3, "[N, H, K]")
     N, H, K = (int(d) for d in q.shape)
-    static = _layout(op)
-    product = static.product
     if product:
         _check_rank("k", k, 4, "[N, n, H, K]")
         n = int(k.shape[1])
@@ -682,14 +749,39 @@ def validate_step(
         if int(v.shape[0]) != N:
             raise _shape_error("v", f"[N, HV, V] with N = {N}", v)
         HV, V = int(v.shape[1]), int(v.shape[2])
-    if HV == 0 or H == 0 or HV % H:
-        raise ValueError(
-            f"the value heads HV = {HV} must be a positive multiple of the query/key heads H = {H}"
-        )
-    sizes = {"N": N, "n": n, "H": H, "HV": HV, "K": K, "V": V}
-    for name, templates in static.step_shapes.items():
-        if named[name] is not None:
-            _check_template(name, named[name], templates, sizes, {})
+    _check_heads(rule, H, HV, "", "")
+    return {"N": N, "n": n, "H": H, "HV": HV, "K": K, "V": V}, n
+
+
+def validate_step(
+    op: str,
+    q: Any = None,
+    k: Any = None,
+    v: Any = None,
+    state: Any = None,
+    *,
+    scale: Any = None,
+    state_indices: Any = None,
+    use_qk_l2norm: bool = False,
+    normalize: bool = False,
+    **inputs: Any,
+) -> Call:
+    """Check a one-token decoding call and describe it as a :class:`Call` with ``T == 1``.
+
+    Arrays arrive in the one-token layout of their description (:func:`step_shape`: ``B``
+    becomes ``N``, ``T`` is dropped) and leave in the sequence layout with ``T == 1``.
+    """
+    rule = RULES[op]
+    options = _rule_options(rule, inputs, step=True)
+    qkv = {"q": q, "k": k, "v": v} if rule.qkv else {}
+    named = {**qkv, **_rule_inputs(rule, inputs, step=True)}
+    for name, x in named.items():
+        if type(x) is not np.ndarray and (x is not None or name in qkv):
+            _namespace(name, x)
+            _dims(name, x)
+    normalize = _check_flag("normalize", normalize)
+    use_qk_l2norm = _check_flag("use_qk_l2norm", use_qk_l2norm)
+    static = _layout(op)
     if state is None:
         raise TypeError(f"{op} decoding needs the state pool, got None")
     layout = rule.state_layout(normalize=normalize)
@@ -706,10 +798,18 @@ def validate_step(
             _namespace(name, x)
             _dims(name, x)
     first_name, first = parts[0]
-    _check_rank(first_name, first, 4, "[P, HV, K, V]")
+    if rule.qkv:
+        sizes, n = _qkv_step_sizes(rule, static.product, q, k, v)
+    else:
+        sizes, n = _own_sizes(rule, named, state=first), 1
+    N, H, HV, K, V = (sizes[d] for d in ("N", "H", "HV", "K", "V"))
+    for name, templates in static.step_shapes.items():
+        if named.get(name) is not None:
+            _check_template(name, named[name], templates, sizes, {})
+    _check_rank(first_name, first, 4, "[P, " + ", ".join(dims_of(layout[0].shape)[1:]) + "]")
     P = int(first.shape[0])
-    states = _check_state("state", state, rule, normalize, P, HV, K, V, "P")
-    scale_value = _check_scale(scale, K)
+    states = _check_state("state", state, rule, normalize, P, sizes, "P")
+    scale_value = _check_scale(scale, K, rule.default_scale)
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
     )
@@ -749,7 +849,7 @@ def validate_step(
             named[name] = _unaliased(x, pools)
     # The sequence layout with T == 1: views, no copies.
     for name in static.token_axis:
-        if named[name] is not None:
+        if named.get(name) is not None:
             named[name] = named[name][:, None, ...]
     parent, arrays = _to_parent(rule, xp, named)
     return Call(
@@ -758,10 +858,11 @@ def validate_step(
         spec=parent,
         xp=xp,
         device=dev,
-        q=arrays["q"],
-        k=arrays["k"],
-        v=arrays["v"],
+        q=arrays.get("q"),
+        k=arrays.get("k"),
+        v=arrays.get("v"),
         inputs={name: arrays.get(name) for name in parent.arg_names},
+        options=options,
         scale=scale_value,
         normalize=normalize,
         num_householder=n,

@@ -66,8 +66,7 @@ def _step(op: str, arguments: dict[str, Any]) -> tuple[Any, Any]:
     """Validate and run one decoding step of ``op`` given by argument name."""
     args = dict(arguments)
     backend = args.pop("backend")
-    q, k, v, state = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("state")
-    call = validate_step(op, q, k, v, state, **args)
+    call = validate_step(op, **args)
     return select(call, backend).step(call)
 
 

@@ -52,8 +52,11 @@ def _run(case: GoldenCase, backend: str, form: str, dtype: str) -> tuple[object,
 
 
 def test_manifest_lists_every_op() -> None:
-    assert {c.op for c in CASES} == set(fastweights.testing.OPS)
-    assert len({c.name for c in CASES}) == len(CASES) == 33 + 8
+    # The Recurrent DeltaNet and the SRWM have no peer implementation to take golden values
+    # from; their oracles are checked independently in tests/test_naive_primer.py.
+    without = {"recurrent_delta_rule", "srwm"}
+    assert {c.op for c in CASES} == set(fastweights.testing.OPS) - without
+    assert len({c.name for c in CASES}) == len(CASES) == 33 + 8 + 5
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -69,7 +72,8 @@ def test_golden(case: GoldenCase, backend: str, form: str, dtype: str) -> None:
     case.check(o, state, dtype=dtype, form=form)
     assert to_numpy(o).dtype == np.dtype(dtype)
     if case.has_final_state:
-        assert to_numpy(state).dtype == np.dtype(dtype)
+        parts = state if isinstance(state, tuple) else (state,)
+        assert all(to_numpy(x).dtype == np.dtype(dtype) for x in parts)
     else:
         assert state is None
 

@@ -50,9 +50,16 @@ class Arg:
     keyword_only: bool = False
     """Passed by keyword in the public functions (after ``*``)."""
     sample: str = "normal"
-    """How benchmarks draw it: ``"normal"``, ``"unit"`` (unit vectors along the last axis),
-    ``"rate"`` (uniform in (0, 1)) or ``"removal"`` (``-rate * unit``: a vector that reads
-    and removes); log-decays are drawn as log-decays."""
+    """How benchmarks and tests draw it: ``"normal"``, ``"unit"`` (unit vectors along the last
+    axis), ``"rate"`` (uniform in (0, 1)), ``"removal"`` (``-rate * unit``: a vector that reads
+    and removes), ``"positive"`` (uniform in [0.25, 1.25]), ``"small"`` (normal over the square
+    root of the last size: a matrix that maps a bounded vector to a bounded vector) or
+    ``"gram"`` (``A A^T / K`` over the last two axes: symmetric positive semi-definite);
+    log-decays are drawn as log-decays."""
+    positive: bool = False
+    """Its values must be ``> 0`` (``mesa_net``'s ``lamb``), checked like a gate's sign."""
+    step: bool = True
+    """Taken by the decoding step too (``srwm``'s ``W0`` is not: the pool holds the weight)."""
 
     @property
     def shapes(self) -> tuple[str, ...]:
@@ -79,11 +86,27 @@ class Option:
     step_doc: str = ""
     state: tuple[Arg, ...] = ()
     """The state when the option is on, if it differs (``normalize``: the pair ``(S, z)``)."""
+    choices: tuple[Any, ...] = ()
+    """The values it may take (``mesa_net``'s ``solver``); empty: any of its type."""
+    minimum: int | None = None
+    """For an integer option: its least value."""
 
 
 STATE = (Arg("S", "[N, HV, K, V]", "the fast weights, key-first."),)
 """The state of most rules: one matrix per sequence and value head (``N`` sequences, or ``P``
 rows of a decoding pool)."""
+
+COMMON = (
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "cu_seqlens",
+    "use_qk_l2norm",
+    "form",
+    "chunk_size",
+)
+"""The keyword arguments every rule of the first wave takes (API.md); a rule may take fewer
+(``Rule.common``)."""
 
 QKV = (
     Arg("q", "[B, T, H, K]", "queries."),
@@ -126,7 +149,8 @@ class Rule:
     params : mapping
         The family's parameters of this rule (e.g. the delta family's ``erase`` and ``gate``).
     qkv : tuple of Arg
-        ``q, k, v`` (DeltaProduct's ``k, v`` have ``R`` rows).
+        ``q, k, v`` (DeltaProduct's ``k, v`` have ``R`` rows); empty for a rule that has
+        none (``srwm``: its own ``sizes`` reads the sizes from its arrays).
     title, doc, example
         The public function's docstring: its first line, the paragraphs after it, and its
         runnable example (the Parameters section is generated from ``args``).
@@ -153,7 +177,7 @@ class Rule:
     parent: str | None = None
     to_parent: Callable[[ModuleType, dict[str, Any]], dict[str, Any]] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
-    qkv: tuple[Arg, Arg, Arg] = QKV
+    qkv: tuple[Arg, ...] = QKV
     transition: str | None = None
     """How the state after a stretch of tokens depends on the state before it, for a scan
     over time blocks (the Dask backend): ``"diagonal"`` (``S -> Diag(d) S + S0``, a decay per
@@ -161,6 +185,19 @@ class Rule:
     enters, so every value column evolves alike), or None (neither, or outputs that do not
     read the state linearly: blocks pass the state on). Both kinds need ``o_t = S_t^T q~_t``.
     A call whose options break it (a per-value ``beta``, a normaliser) passes the state."""
+    common: tuple[str, ...] = COMMON
+    """The common keyword arguments it takes (a rule whose inputs depend on its own past has
+    no ``chunk_size``; ``srwm`` has no ``scale``): others are not in its signature."""
+    default_scale: float | None = None
+    """``scale`` when None is given: ``K ** -0.5`` if this is None."""
+    out: str = "v"
+    """The array whose dtype ``o`` takes."""
+    sizes: Callable[[dict[str, tuple[int, ...]]], dict[str, int]] | None = None
+    """For a rule without ``q, k, v``: the sizes ``B T H HV K V`` (and any of its own, such
+    as ``srwm``'s ``W``) from its arrays' shapes by name; raises ``ValueError`` naming the
+    argument whose shape is wrong. None: read from ``q, k, v``."""
+    same_heads: bool = False
+    """``HV == H`` is required (no grouped value heads)."""
     flops: int = 6
     """FLOPs per state element and step of the recurrent pass, the least work any form does
     (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""
@@ -193,12 +230,24 @@ class Rule:
         return tuple(a.name for a in self.arrays if not a.keyword_only)
 
     @property
+    def step_positional(self) -> tuple[str, ...]:
+        """The decoding step's positional parameters before ``state``, in order."""
+        return tuple(a.name for a in self.arrays if not a.keyword_only and a.step)
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
+
+    @property
     def arg_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args)
 
     @property
     def log_decays(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args if a.log_decay)
+
+    @property
+    def positives(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.positive)
 
     # The delta family's parameters (SPEC.md's general rule), read by its forms and kernels.
     @property
@@ -254,6 +303,8 @@ def parameters_doc(rule: Rule, *, step: bool) -> str:
     rows = "num_householder" in rule.option_names
     entries = []
     for a in rule.arrays:
+        if step and not a.step:
+            continue
         if step:
             shapes = [step_shape(s, rows) for s in a.shapes]
         else:

@@ -124,9 +124,9 @@ class GoldenCase(Call):
         Case name (the ``.npz`` file stem).
     o : numpy.ndarray
         Expected output.
-    final_state : numpy.ndarray or None
-        Expected final state, when the case records one (call with
-        ``output_final_state=True`` then).
+    final_state : numpy.ndarray, tuple or None
+        Expected final state (a tuple for a pair state such as MesaNet's ``(H, G)``), when
+        the case records one (call with ``output_final_state=True`` then).
 
     Examples
     --------
@@ -139,7 +139,7 @@ class GoldenCase(Call):
 
     name: str = ""
     o: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    final_state: np.ndarray | None = None
+    final_state: Any = None
 
     @property
     def has_final_state(self) -> bool:
@@ -153,7 +153,11 @@ class GoldenCase(Call):
     def check(self, o: Any, final_state: Any, *, dtype: Any, form: str) -> None:
         """Raise AssertionError unless ``o`` (and ``final_state``) match the expectation."""
         assert_close(o, self.o, dtype=dtype, form=form, name=f"{self.name} o")
-        if self.final_state is not None:
+        if isinstance(self.final_state, tuple):
+            assert isinstance(final_state, tuple) and len(final_state) == len(self.final_state)
+            for i, (x, ref) in enumerate(zip(final_state, self.final_state, strict=True)):
+                assert_close(x, ref, dtype=dtype, form=form, name=f"{self.name} state[{i}]")
+        elif self.final_state is not None:
             assert_close(
                 final_state, self.final_state, dtype=dtype, form=form, name=f"{self.name} state"
             )
@@ -163,7 +167,7 @@ def load_golden_cases() -> list[GoldenCase]:
     """Load the vendored golden cases (float64 inputs and expected outputs).
 
     The first wave's cases (``golden/``) and the forward cases of the second wave's ops that
-    fastweights has (``golden2/``: ``dplr``, ``iplr``, ``rwkv7``).
+    fastweights has (``golden2/``: ``dplr``, ``iplr``, ``rwkv7``, ``mesa_net``).
 
     Returns
     -------
@@ -192,8 +196,16 @@ def load_golden_cases() -> list[GoldenCase]:
                 continue
             with root.joinpath(f"{entry['name']}.npz").open("rb") as fh, np.load(fh) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {n: np.array(data[n]) for n in meta["inputs"]}
-                has_final = meta.get("has_final_state", "final_state" in meta.get("outputs", ()))
+                arrays: dict[str, Any] = {n: np.array(data[n]) for n in meta["inputs"]}
+                outputs = meta.get("outputs", ())
+                final: Any = None
+                if "initial_state_kk" in arrays:  # MesaNet's pair (H, G), fla's (h_kk, h_kv)
+                    pair = (arrays.pop("initial_state_kk"), arrays.pop("initial_state_kv"))
+                    arrays["initial_state"] = pair
+                if "final_state_kk" in outputs:
+                    final = (np.array(data["final_state_kk"]), np.array(data["final_state_kv"]))
+                elif meta.get("has_final_state", "final_state" in outputs):
+                    final = np.array(data["final_state"])
                 cases.append(
                     GoldenCase(
                         op=meta["op"],
@@ -201,7 +213,7 @@ def load_golden_cases() -> list[GoldenCase]:
                         kwargs=dict(meta["kwargs"]),
                         name=entry["name"],
                         o=np.array(data["o"]),
-                        final_state=np.array(data["final_state"]) if has_final else None,
+                        final_state=final,
                     )
                 )
     return cases
