@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .rules import delta, dplr, mesa
+from .rules import delta, dplr, mesa, recurrent_delta, srwm
 from .rules._rule import FORMS, Arg, Rule
 
-FAMILIES: dict[str, ModuleType] = {"delta": delta, "dplr": dplr, "mesa": mesa}
+FAMILIES: dict[str, ModuleType] = {
+    "delta": delta,
+    "dplr": dplr,
+    "mesa": mesa,
+    "recurrent_delta": recurrent_delta,
+    "srwm": srwm,
+}
 """Family name -> its package: descriptions, problem preparation and forms."""
 
 RULES: dict[str, Rule] = {rule.name: rule for family in FAMILIES.values() for rule in family.RULES}

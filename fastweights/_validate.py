@@ -622,6 +622,12 @@ def _check_heads(rule: Rule, H: int, HV: int, hv_at: str, h_at: str) -> None:
         )
 
 
+def _check_min_sizes(rule: Rule, sizes: dict[str, int]) -> None:
+    for d, least in rule.min_sizes.items():
+        if sizes[d] < least:
+            raise ValueError(f"{rule.name} needs {d} >= {least}, got {d} = {sizes[d]}")
+
+
 def _own_sizes(rule: Rule, named: dict[str, Any], **extra: Any) -> dict[str, int]:
     """Sizes of a call of a rule without ``q, k, v``, from its own ``sizes``."""
     assert rule.sizes is not None
@@ -664,6 +670,7 @@ def validate(
         sizes, labels, n = _qkv_sizes(rule, q, k, v, num_householder)
     else:
         sizes, labels, n = _own_sizes(rule, named), {}, 1
+    _check_min_sizes(rule, sizes)
     B, T, H, HV, K = (sizes[d] for d in ("B", "T", "H", "HV", "K"))
     for arg in rule.args:
         if named[arg.name] is not None:
@@ -802,6 +809,7 @@ def validate_step(
         sizes, n = _qkv_step_sizes(rule, static.product, q, k, v)
     else:
         sizes, n = _own_sizes(rule, named, state=first), 1
+    _check_min_sizes(rule, sizes)
     N, H, HV, K, V = (sizes[d] for d in ("N", "H", "HV", "K", "V"))
     for name, templates in static.step_shapes.items():
         if named.get(name) is not None:

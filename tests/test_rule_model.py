@@ -47,17 +47,22 @@ def test_public_signature_is_the_description(name: str) -> None:
     positional, keyword = _params(getattr(fastweights, name))
     assert positional == list(rule.positional)
     keyword_args = [a.name for a in rule.args if a.keyword_only]
-    assert sorted(keyword) == sorted([*keyword_args, *rule.option_names, *COMMON])
+    common = [c for c in COMMON if c in rule.common or c == "backend"]
+    assert sorted(keyword) == sorted([*keyword_args, *rule.option_names, *common])
+    default = inspect.signature(getattr(fastweights, name)).parameters.get("scale")
+    if default is not None:
+        assert default.default == rule.default_scale
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_step_signature_is_the_description(name: str) -> None:
     rule = RULES[name]
     positional, keyword = _params(getattr(fastweights.step, name))
-    assert positional == [*rule.positional, "state"]
+    assert positional == [*(a.name for a in rule.arrays if a.step and not a.keyword_only), "state"]
     options = [o.name for o in rule.options if o.step]  # DeltaProduct: n is k.shape[1]
     keyword_args = [a.name for a in rule.args if a.keyword_only]
-    assert sorted(keyword) == sorted([*keyword_args, *options, *STEP_COMMON])
+    common = [c for c in STEP_COMMON if c in rule.common or c in ("backend", "state_indices")]
+    assert sorted(keyword) == sorted([*keyword_args, *options, *common])
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -67,6 +72,9 @@ def test_generated_docstrings_list_every_array(name: str, module: object) -> Non
     step = module is fastweights.step
     rows = "num_householder" in RULES[name].option_names
     for arg in RULES[name].arrays:
+        if step and not arg.step:
+            assert not re.search(rf"^{arg.name} : array", doc, re.M)
+            continue
         shape = (
             step_shape(arg.shape, rows)
             if step

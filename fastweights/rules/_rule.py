@@ -198,6 +198,8 @@ class Rule:
     argument whose shape is wrong. None: read from ``q, k, v``."""
     same_heads: bool = False
     """``HV == H`` is required (no grouped value heads)."""
+    min_sizes: Mapping[str, int] = field(default_factory=dict)
+    """Least sizes the rule is defined for (a softmax over ``K`` needs ``K >= 1``)."""
     flops: int = 6
     """FLOPs per state element and step of the recurrent pass, the least work any form does
     (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""

@@ -61,7 +61,7 @@ MESA_NET = Rule(
         Option(
             "max_cg_iterations",
             30,
-            "Steps of ``solver=\"cg\"`` (fla's ``max_CG_iteration``); ignored by ``\"exact\"``.",
+            'Steps of ``solver="cg"`` (fla\'s ``max_CG_iteration``); ignored by ``"exact"``.',
             annotation="int",
             minimum=1,
         ),

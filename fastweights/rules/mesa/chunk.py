@@ -48,9 +48,7 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, tuple[Any, Any]]:
         outputs.append(carried + xp.matmul(scores, v))
         H = Hr[:, :, -1, ...]
         last = weights[:, :, -1, :, None]  # D_{L-1, s} beta_s
-        G = decay(xp, G, start[:, :, -1, :, None]) + xp.matmul(
-            xp.matrix_transpose(k * last), v
-        )
+        G = decay(xp, G, start[:, :, -1, :, None]) + xp.matmul(xp.matrix_transpose(k * last), v)
     if not outputs:
         V = p.v.shape[-1]
         return xp.zeros((N, HV, 0, V), dtype=G.dtype, device=device(G)), (H, G)
