@@ -1,10 +1,10 @@
 """The ``numba`` backend: CPU kernels for NumPy arrays, compiled with numba.
 
-Every first-wave op and ``dplr`` (with its instances ``iplr`` and ``rwkv7``) in the recurrent
-form (one fused pass over an L1-resident block of the state per step, parallel over sequences,
-value heads and value blocks) and in decoding steps that update the state pool in place; the
-first-wave ops also in the chunk form. It is chosen automatically for NumPy
-arrays (priority 10) when numba is installed. Nothing is compiled or imported from numba
+Every first-wave op, ``dplr`` (with its instances ``iplr`` and ``rwkv7``), ``mesa_net``,
+``recurrent_delta_rule`` and ``srwm`` in the recurrent form (one fused pass over an
+L1-resident block of the state per step, parallel over sequences, value heads and, where the
+rule allows, value blocks) and in decoding steps that update the state pool in place; the
+first-wave ops also in the chunk form. It is chosen automatically for NumPy arrays (priority 10) when numba is installed. Nothing is compiled or imported from numba
 until the first call; compiled kernels are cached on disk (numba's ``cache=True``).
 
 See ``docs/numba.md`` for the design, the settings the speed depends on and measurements.
@@ -30,6 +30,10 @@ FIRST_WAVE = (
 )
 """The delta family's ops (``retention`` arrives as ``simple_gla``)."""
 
+RECURRENT_ONLY = ("dplr", "mesa_net", "recurrent_delta_rule", "srwm")
+"""Ops with a recurrent kernel and no chunk kernel here (the reference backend has
+``dplr``'s and ``mesa_net``'s chunk forms)."""
+
 
 class NumbaBackend:
     """NumPy arrays on the CPU; real floating inputs of any size and byte order.
@@ -43,11 +47,11 @@ class NumbaBackend:
     priority = 10
     ops: ClassVar[dict[str, tuple[str, ...]]] = {
         **{op: ("recurrent", "chunk") for op in FIRST_WAVE},
-        "dplr": ("recurrent",),
+        **{op: ("recurrent",) for op in RECURRENT_ONLY},
     }
     """What it runs, declared op by op: it is never handed anything else (``iplr`` and
     ``rwkv7`` arrive as ``dplr``)."""
-    step_ops = (*FIRST_WAVE, "dplr")
+    step_ops = (*FIRST_WAVE, *RECURRENT_ONLY)
     dtypes = "real floating (computed in float32, or float64 when an input is wider)"
     limits: ClassVar[dict[str, str]] = {}
 

@@ -5,6 +5,8 @@ Imported on a backend's first call, never when fastweights is imported.
 
 from __future__ import annotations
 
+import importlib
+
 from typing import Any
 
 import numpy as np
@@ -116,12 +118,23 @@ def _split_state(call: Call, S: np.ndarray) -> Any:
     return (S[..., :-1], S[..., -1]) if call.normalize else S
 
 
+OWN_MODULES = {
+    "dplr": "dplr",
+    "mesa_net": "mesa",
+    "recurrent_delta_rule": "recurrent_delta",
+    "srwm": "srwm",
+}
+"""Ops whose kernels live in a module of their own (``run`` and ``step``), by op."""
+
+
+def _own_module(op: str) -> Any:
+    return importlib.import_module(f"{__package__}.{OWN_MODULES[op]}")
+
+
 def run(call: Call) -> tuple[Any, Any]:
     """``(o, final_state)`` of a sequence call."""
-    if call.op == "dplr":
-        from .dplr import run as run_dplr
-
-        return run_dplr(call)
+    if call.op in OWN_MODULES:
+        return _own_module(call.op).run(call)
     chosen = plan(call)
     a = kernel_args(call)
     dt = a.v.dtype
@@ -145,10 +158,8 @@ def step(call: Call) -> tuple[Any, Any]:
     a C-ordered copy of its rows and the recurrent kernel, then is written back. Validation has
     refused read-only pools and copied inputs that view the pool.
     """
-    if call.op == "dplr":
-        from .dplr import step as step_dplr
-
-        return step_dplr(call)
+    if call.op in OWN_MODULES:
+        return _own_module(call.op).step(call)
     pools = call.state_pool if call.normalize else (call.state_pool,)
     a = kernel_args(call)
     dt = a.v.dtype
