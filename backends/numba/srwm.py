@@ -42,8 +42,12 @@ from fastweights.backends import Call
 from ._activations import LANES, sigmoid, softmax_into
 from ._jit import jit, prefer_512, prefetch, row
 from ._layout import as_rows, call_kernel, launch, sequences, unit_last
-from ._passes import VB
 from ._plan import plan
+
+VB = 32
+"""Columns per block of ``W`` (a compile-time constant): ``Wd = V + 2K + 4`` is rounded up to
+it (196 -> 224 at K=V=64, where blocks of 64 would give 256); the three reads and the write
+keep 8 independent FMAs per row in flight even so."""
 
 AHEAD = 4
 """Tokens ahead whose input rows a step prefetches."""
@@ -132,16 +136,20 @@ def _sweep(
     nb = -(-Wd // VB)
     Wp = nb * VB
     # Scratch, carved from one allocation.
-    sizes = (nb * K * VB, 6 * Wp, 7 * K, LANES)
+    sizes = (nb * K * VB, 5 * Wp + 1, 7 * K, LANES)
     buf = np.empty(sum(sizes), dt)
     Wb = buf[: sizes[0]].reshape((nb, K, VB))
     o0 = sizes[0]
-    D = buf[o0 : o0 + Wp].reshape((nb, VB))  # the write of the last token
-    AV = buf[o0 + Wp : o0 + 2 * Wp].reshape((nb, VB))
-    AB = buf[o0 + 2 * Wp : o0 + 3 * Wp].reshape((nb, VB))
-    AO = buf[o0 + 3 * Wp : o0 + 4 * Wp].reshape((nb, VB))
-    LR = buf[o0 + 4 * Wp : o0 + 5 * Wp].reshape((nb, VB))  # learning rate per column
-    OUT = buf[o0 + 5 * Wp : o0 + 6 * Wp]  # W^T phi(x) of this token
+    D1 = buf[o0 : o0 + Wp]  # the write of the last token
+    AV1 = buf[o0 + Wp : o0 + 2 * Wp]  # the reads W^T phi(q), W^T phi(k), W^T phi(x_next)
+    AB1 = buf[o0 + 2 * Wp : o0 + 3 * Wp]
+    AO1 = buf[o0 + 3 * Wp : o0 + 4 * Wp]
+    OUT = buf[o0 + 4 * Wp : o0 + 5 * Wp]  # W^T phi(x) of this token
+    LR = buf[o0 + 5 * Wp : o0 + 5 * Wp + 1]  # a learning rate in the compute dtype
+    D = D1.reshape((nb, VB))
+    AV = AV1.reshape((nb, VB))
+    AB = AB1.reshape((nb, VB))
+    AO = AO1.reshape((nb, VB))
     o0 += sizes[1]
     CA = buf[o0 : o0 + K]  # phi(k) of the last token
     CQ = buf[o0 + K : o0 + 2 * K]  # phi(q), phi(k) of this token
@@ -155,11 +163,9 @@ def _sweep(
     for i in range(K):
         CA[i] = 0.0
         ZK[i] = 0.0
-    for x_ in range(nb):
-        for j in range(VB):
-            D[x_, j] = 0.0
-            AO[x_, j] = 0.0
-            LR[x_, j] = 0.0
+    for j in range(Wp):
+        D1[j] = 0.0
+        AO1[j] = 0.0
     # Load W, with the first token's read W^T phi(x_0).
     if t1 > t0:
         softmax_into(row(x, bb, t0, h, 0), ZK, 0, K, CX, g, red, M)
@@ -171,41 +177,38 @@ def _sweep(
         nv = min(VB, Wd - j0)
         for m in range(K):
             _load_pass(Wb, x_, row(W_in, in_row, h, m, j0), m, nv, CX[m], AO)
-    for x_ in range(nb):
-        for j in range(VB):
-            OUT[x_ * VB + j] = AO[x_, j]
+    for j in range(Wp):
+        OUT[j] = AO1[j]
     for t in range(t0, t1):
         if t + AHEAD < t1:
             _prefetch_token(x, o, bb, t + AHEAD, h)
         orow = row(o, bb, t, h, 0)
         for j in range(V):
             orow[j] = OUT[j]
-        softmax_into(OUT[V:], ZK, 0, K, CK, g, red, M)
-        softmax_into(OUT[V + K :], ZK, 0, K, CQ, g, red, M)
+        softmax_into(ZK, OUT, V, K, CK, g, red, M)  # phi(k), phi(q): 0 + OUT[V + ...]
+        softmax_into(ZK, OUT, V + K, K, CQ, g, red, M)
         if t + 1 < t1:
             softmax_into(row(x, bb, t + 1, h, 0), ZK, 0, K, CX, g, red, M)
         else:
             for i in range(K):
                 CX[i] = 0.0
-        # Learning rates, one per block of columns (V, K, K, 4).
-        c = 0
-        for blk in range(4):
-            lr = sigmoid(OUT[V + 2 * K + blk])
-            width = V if blk == 0 else (K if blk < 3 else 4)
-            for j in range(c, c + width):
-                LR[j // VB, j % VB] = lr
-            c += width
         for x_ in range(nb):
             _token_pass(Wb, x_, D, CA, CQ, CK, CX, AV, AB, AO)
         kx = ZK[0]
         for i in range(K):
             kx += CK[i] * CX[i]
             CA[i] = CK[i]
-        for x_ in range(nb):
-            for j in range(VB):
-                dj = LR[x_, j] * (AV[x_, j] - AB[x_, j])
-                D[x_, j] = dj
-                OUT[x_ * VB + j] = AO[x_, j] + kx * dj
+        # d = lr (v - vbar), one learning rate per block of columns (V, K, K, 4); zero past Wd.
+        c = 0
+        for blk in range(4):
+            LR[0] = sigmoid(OUT[V + 2 * K + blk])
+            lr = LR[0]
+            width = V if blk == 0 else (K if blk < 3 else 4)
+            for j in range(c, c + width):
+                D1[j] = lr * (AV1[j] - AB1[j])
+            c += width
+        for j in range(Wp):
+            OUT[j] = AO1[j] + kx * D1[j]
     if not write_state:
         return
     for x_ in range(nb):
