@@ -1,0 +1,838 @@
+"""MesaNet (``mesa_net``): the recurrent form and decoding steps.
+
+Per (sequence, value head), with ``q~ = scale * q`` (``q, k`` l2-normalised first if asked)::
+
+    H_t = e^{g_t} H_{t-1} + beta_t k_t k_t^T           [K, K]
+    G_t = e^{g_t} G_{t-1} + beta_t k_t v_t^T           [K, V]
+    (H_t + Diag(lamb)) x_t = q~_t,    o_t = G_t^T x_t
+
+``g = -inf`` resets both states (selected, not multiplied: a NaN or Inf there does not survive
+it). ``solver="exact"`` factors ``A = H_t + Diag(lamb) = L L^T`` (Cholesky, the lower triangle
+of ``A`` as :func:`numpy.linalg.cholesky` reads it) and solves ``L y = q~``, ``L^T x = y``;
+``solver="cg"`` runs fla's conjugate gradient exactly as ``fastweights.testing.naive._cg``:
+``x = 0``, ``r = p = q~``, ``max_cg_iterations`` steps with ``1e-5`` added to both
+denominators, no early stop (the same in a decoding step). A matrix that is not positive
+definite (only with negative ``beta`` or a non-PSD initial ``H``) gives NaN, not an error.
+
+One task per (sequence, value head), run in parallel with ``prange``, longest sequences first.
+A task keeps ``H^T`` (``HT[c, i] = H[i, c]``), a work matrix ``W`` and ``G`` in local buffers
+(42 KiB at K = V = 64 in float32: L1), rows padded to chunks of ``CW = 16`` lanes, and per
+token runs:
+
+1. ``HT = e^g HT + k (beta k)^T``, fused with copying the part of each row ``c`` from its own
+   chunk on (``A[i, c]``, ``i >= c``: the lower triangle by columns) into ``W`` (+ ``lamb``);
+2. a right-looking Cholesky on ``W``, column by column: scale column ``j`` (entries above the
+   diagonal zeroed, so whole chunks can be used), then the rank-1 update of the trailing
+   columns, each from its own chunk on (``K^3/6`` FMAs in 16-lane vectors; the columns are
+   independent, so the core overlaps consecutive columns' square roots with the updates). The
+   forward solve ``L y = q~`` is the same update applied to one more column;
+3. the backward solve ``L^T x = y`` (one dot product per row, a column of ``L``), fused with
+   the update of ``G``'s row ``j`` and the read ``o += x_j G[j, :]``: the ``G`` work does not
+   depend on ``x`` and fills the latency of the dot products.
+
+With ``solver="cg"`` step 1 only updates ``HT`` (``A p = sum_c p_c HT[c, :] + lamb * p``: rows
+of ``HT`` are columns of ``H``, vector FMAs without horizontal sums), and step 3 is the ``G``
+update and read alone.
+
+A decoding step runs the same kernel with the pools as both the initial and the final states
+(a task reads its rows before it writes them; validation refuses repeated state indices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import prange
+
+from fastweights.backends import L2NORM_EPS, Call
+
+from ._jit import CHECKED, DISABLE_JIT, address, jit, prefer_512, row
+from ._layout import call_kernel, dummy, launch, sequences, threads_for, unit_last
+
+CW = 16
+"""Lanes per chunk: one 512-bit vector of float32 (two of float64)."""
+
+ALIGN = 64
+"""Bytes: local buffers start on a cache line."""
+
+CG_EPS = 1e-5
+"""fla's term in both denominators of its conjugate gradient."""
+
+Array = Any
+_pass = jit(nrt=False, noalias=True)
+
+# ------------------------------------------------------------------------ chunk primitives
+#
+# Loops over chunks ``[c0, c1)`` of ``CW`` lanes of rows from :func:`row`, written as LLVM
+# vector code: numba's loops over a chunk were unrolled first, then vectorised across chunks
+# into gathers and scatters (5-10x slower). ``p`` is the row's pointer; in the checked build
+# each chunk range is checked against the row's length first, without JIT they are NumPy.
+
+if DISABLE_JIT:
+
+    def _sl(c0: int, c1: int) -> slice:
+        return slice(c0 * CW, max(c0, c1) * CW)
+
+    def vaxpy(d: Any, s: Any, a: float, c0: int, c1: int) -> None:
+        """``d += a s``."""
+        d[_sl(c0, c1)] += a * s[_sl(c0, c1)]
+
+    def vaxpby(d: Any, s: Any, a: float, b: float, c0: int, c1: int) -> None:
+        """``d = a d + b s``."""
+        d[_sl(c0, c1)] = a * d[_sl(c0, c1)] + b * s[_sl(c0, c1)]
+
+    def vscal(d: Any, s: Any, b: float, c0: int, c1: int) -> None:
+        """``d = b s``."""
+        d[_sl(c0, c1)] = b * s[_sl(c0, c1)]
+
+    def vcopy(d: Any, s: Any, c0: int, c1: int) -> None:
+        """``d = s``."""
+        d[_sl(c0, c1)] = s[_sl(c0, c1)]
+
+    def vaxpby_read(d: Any, s: Any, o: Any, a: float, b: float, x: float, c0: int, c1: int) -> None:
+        """``d = a d + b s``, then ``o += x d``."""
+        d[_sl(c0, c1)] = a * d[_sl(c0, c1)] + b * s[_sl(c0, c1)]
+        o[_sl(c0, c1)] += x * d[_sl(c0, c1)]
+
+    def vscal_read(d: Any, s: Any, o: Any, b: float, x: float, c0: int, c1: int) -> None:
+        """``d = b s``, then ``o += x d``."""
+        d[_sl(c0, c1)] = b * s[_sl(c0, c1)]
+        o[_sl(c0, c1)] += x * d[_sl(c0, c1)]
+
+    def vdot(p: Any, q: Any, zero: float, c0: int, c1: int) -> float:
+        """``zero + sum p q``."""
+        return zero + np.sum(p[_sl(c0, c1)] * q[_sl(c0, c1)])
+
+else:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    intrinsic: Any = _intrinsic
+
+    def _chunks(context: Any, builder: Any, sig: Any, args: Any, body: Any) -> None:
+        """Call ``body(vector type, alignment, pointer of chunk)`` for chunks ``args[-2:]``."""
+        dt = sig.args[0].dtype
+        vty = ir.VectorType(context.get_value_type(dt), CW)
+        align = context.get_abi_sizeof(context.get_value_type(dt))
+        lo = context.cast(builder, args[-2], sig.args[-2], types.intp)
+        hi = context.cast(builder, args[-1], sig.args[-1], types.intp)
+        step = ir.Constant(lo.type, 1)
+        with cgutils.for_range_slice(builder, lo, hi, step, inc=True) as (ch, _):
+            off = builder.mul(ch, ir.Constant(ch.type, CW))
+
+            def at(ptr: Any) -> Any:
+                return builder.bitcast(builder.gep(ptr, [off], inbounds=True), vty.as_pointer())
+
+            body(vty, align, at)
+
+    def _splat(builder: Any, x: Any, vty: Any) -> Any:
+        v = builder.insert_element(
+            ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0)
+        )
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), CW), [0] * CW)
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
+
+    def _fma(builder: Any, a: Any, b: Any, c: Any) -> Any:
+        """``a b + c`` elementwise."""
+        el = "f32" if a.type.element == ir.FloatType() else "f64"
+        fnty = ir.FunctionType(a.type, [a.type, a.type, a.type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{CW}{el}")
+        return builder.call(fn, [a, b, c])
+
+    def _splats(context: Any, builder: Any, sig: Any, args: Any, idx: Any) -> list[Any]:
+        dt = sig.args[0].dtype
+        vty = ir.VectorType(context.get_value_type(dt), CW)
+        out = []
+        for i in idx:
+            x = context.cast(builder, args[i], sig.args[i], dt)
+            out.append(_splat(builder, x, vty))
+        return out
+
+    @intrinsic
+    def _vaxpy(typingctx: Any, d: Any, s: Any, a: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            (va,) = _splats(context, builder, sig, args, (2,))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                pd = at(args[0])
+                x = builder.load(pd, align=al, typ=vty)
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                builder.store(_fma(builder, va, y, x), pd, align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, a, c0, c1), codegen
+
+    @intrinsic
+    def _vaxpby(typingctx: Any, d: Any, s: Any, a: Any, b: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            va, vb = _splats(context, builder, sig, args, (2, 3))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                pd = at(args[0])
+                x = builder.load(pd, align=al, typ=vty)
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                builder.store(_fma(builder, va, x, builder.fmul(vb, y)), pd, align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, a, b, c0, c1), codegen
+
+    @intrinsic
+    def _vscal(typingctx: Any, d: Any, s: Any, b: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            (vb,) = _splats(context, builder, sig, args, (2,))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                builder.store(builder.fmul(vb, y), at(args[0]), align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, b, c0, c1), codegen
+
+    @intrinsic
+    def _vcopy(typingctx: Any, d: Any, s: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            def body(vty: Any, al: Any, at: Any) -> None:
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                builder.store(y, at(args[0]), align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, c0, c1), codegen
+
+    @intrinsic
+    def _vaxpby_read(
+        typingctx: Any, d: Any, s: Any, o: Any, a: Any, b: Any, x: Any, c0: Any, c1: Any
+    ) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            va, vb, vx = _splats(context, builder, sig, args, (3, 4, 5))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                pd = at(args[0])
+                po = at(args[2])
+                g = builder.load(pd, align=al, typ=vty)
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                g = _fma(builder, va, g, builder.fmul(vb, y))
+                builder.store(g, pd, align=al)
+                acc = builder.load(po, align=al, typ=vty)
+                builder.store(_fma(builder, vx, g, acc), po, align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, o, a, b, x, c0, c1), codegen
+
+    @intrinsic
+    def _vscal_read(
+        typingctx: Any, d: Any, s: Any, o: Any, b: Any, x: Any, c0: Any, c1: Any
+    ) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            vb, vx = _splats(context, builder, sig, args, (3, 4))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                po = at(args[2])
+                g = builder.fmul(vb, builder.load(at(args[1]), align=al, typ=vty))
+                builder.store(g, at(args[0]), align=al)
+                acc = builder.load(po, align=al, typ=vty)
+                builder.store(_fma(builder, vx, g, acc), po, align=al)
+
+            _chunks(context, builder, sig, args, body)
+            return context.get_dummy_value()
+
+        return types.void(d, s, o, b, x, c0, c1), codegen
+
+    @intrinsic
+    def _vdot(typingctx: Any, p: Any, q: Any, zero: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            dt = sig.args[0].dtype
+            vty = ir.VectorType(context.get_value_type(dt), CW)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vty, None))
+
+            def body(vty: Any, al: Any, at: Any) -> None:
+                x = builder.load(at(args[0]), align=al, typ=vty)
+                y = builder.load(at(args[1]), align=al, typ=vty)
+                builder.store(_fma(builder, x, y, builder.load(acc)), acc)
+
+            _chunks(context, builder, sig, args, body)
+            # Pairwise halves down to one lane.
+            v = builder.load(acc)
+            n = CW
+            while n > 1:
+                n //= 2
+                lo = builder.shuffle_vector(
+                    v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n)))
+                )
+                hi = builder.shuffle_vector(
+                    v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n)))
+                )
+                v = builder.fadd(lo, hi)
+            s = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+            z = context.cast(builder, args[2], sig.args[2], dt)
+            return builder.fadd(z, s)
+
+        return p.dtype(p, q, zero, c0, c1), codegen
+
+    if CHECKED:
+
+        @njit(inline="always")
+        def _ck(p: Any, c0: int, c1: int) -> None:
+            if c0 < 0 or (c1 > c0 and c1 * CW > p.n):
+                raise IndexError("fastweights checked build: chunk range out of the row")
+
+        @njit(inline="always")
+        def vaxpy(d: Any, s: Any, a: float, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _vaxpy(d.ptr, s.ptr, a, c0, c1)
+
+        @njit(inline="always")
+        def vaxpby(d: Any, s: Any, a: float, b: float, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _vaxpby(d.ptr, s.ptr, a, b, c0, c1)
+
+        @njit(inline="always")
+        def vscal(d: Any, s: Any, b: float, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _vscal(d.ptr, s.ptr, b, c0, c1)
+
+        @njit(inline="always")
+        def vcopy(d: Any, s: Any, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _vcopy(d.ptr, s.ptr, c0, c1)
+
+        @njit(inline="always")
+        def vaxpby_read(
+            d: Any, s: Any, o: Any, a: float, b: float, x: float, c0: int, c1: int
+        ) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _ck(o, c0, c1)
+            _vaxpby_read(d.ptr, s.ptr, o.ptr, a, b, x, c0, c1)
+
+        @njit(inline="always")
+        def vscal_read(d: Any, s: Any, o: Any, b: float, x: float, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _ck(s, c0, c1)
+            _ck(o, c0, c1)
+            _vscal_read(d.ptr, s.ptr, o.ptr, b, x, c0, c1)
+
+        @njit(inline="always")
+        def vdot(p: Any, q: Any, zero: float, c0: int, c1: int) -> float:
+            _ck(p, c0, c1)
+            _ck(q, c0, c1)
+            return _vdot(p.ptr, q.ptr, zero, c0, c1)
+
+    else:
+        vaxpy, vaxpby, vscal, vcopy = _vaxpy, _vaxpby, _vscal, _vcopy
+        vaxpby_read, vscal_read, vdot = _vaxpby_read, _vscal_read, _vdot
+
+
+@_pass
+def _update_h(
+    HT: Array, W: Array, KS: Array, BK: Array, LM: Array, a: float, reset: bool, copy: bool
+) -> None:
+    """``HT = a HT + k (beta k)^T`` (``a`` ignored on a reset); with ``copy``, ``W[c, i] =
+    HT[c, i] (+ lamb_c on the diagonal)`` from row ``c``'s own chunk on."""
+    prefer_512()
+    K = HT.shape[2]
+    nk = HT.shape[3] // CW
+    ks = row(KS, 0, 0, 0, 0)
+    bk = row(BK, 0, 0, 0, 0)
+    lm = row(LM, 0, 0, 0, 0)
+    for c in range(K):
+        hc = row(HT, 0, 0, c, 0)
+        if reset:
+            vscal(hc, bk, ks[c], 0, nk)
+        else:
+            vaxpby(hc, bk, a, ks[c], 0, nk)
+        if copy:
+            wc = row(W, 0, 0, c, 0)
+            vcopy(wc, hc, c // CW, nk)
+            wc[c] += lm[c]
+
+
+@_pass
+def _cholesky(W: Array, Y: Array, LJ: Array, ID: Array, one: float) -> None:
+    """``W``'s rows are the columns of ``A`` (from their diagonal on): factor ``A = L L^T`` in
+    place (row ``j`` of ``W`` becomes column ``j`` of ``L`` below the diagonal, zeros up to
+    and on it; ``ID[j] = 1 / L[j, j]``) and solve ``L y = Y`` in place. ``one`` is 1 in the
+    compute dtype (a float64 literal would promote float32 work)."""
+    prefer_512()
+    K = W.shape[2]
+    nk = W.shape[3] // CW
+    zero = one - one
+    y = row(Y, 0, 0, 0, 0)
+    lj = row(LJ, 0, 0, 0, 0)
+    idg = row(ID, 0, 0, 0, 0)
+    for j in range(K):
+        wj = row(W, 0, 0, j, 0)
+        j0 = j // CW
+        inv = one / np.sqrt(wj[j])
+        idg[j] = inv
+        for i in range(j0 * CW, nk * CW):
+            s = wj[i] * inv
+            s = s if i > j else zero
+            lj[i] = s
+            wj[i] = s
+        yj = y[j] * inv
+        y[j] = yj
+        vaxpy(y, lj, -yj, j0, nk)
+        for c in range(j + 1, K):
+            vaxpy(row(W, 0, 0, c, 0), lj, -lj[c], c // CW, nk)
+
+
+@jit(nrt=False, noalias=True, reduce=True)
+def _backsolve_read(
+    W: Array,
+    ID: Array,
+    Y: Array,
+    X: Array,
+    GS: Array,
+    BK: Array,
+    VS: Array,
+    OS: Array,
+    a: float,
+    reset: bool,
+    zero: float,
+) -> None:
+    """``L^T x = y`` (``L`` from :func:`_cholesky`) into ``X``, fused with ``G = a G + (beta
+    k) v^T`` row by row and ``OS = G^T x``."""
+    prefer_512()
+    K = W.shape[2]
+    nk = W.shape[3] // CW
+    nv = GS.shape[3] // CW
+    x = row(X, 0, 0, 0, 0)
+    y = row(Y, 0, 0, 0, 0)
+    idg = row(ID, 0, 0, 0, 0)
+    bk = row(BK, 0, 0, 0, 0)
+    vs = row(VS, 0, 0, 0, 0)
+    os_ = row(OS, 0, 0, 0, 0)
+    for i in range(X.shape[3]):
+        x[i] = zero
+    for i in range(OS.shape[3]):
+        os_[i] = zero
+    for j in range(K - 1, -1, -1):
+        s = vdot(row(W, 0, 0, j, 0), x, zero, j // CW, nk)
+        xj = (y[j] - s) * idg[j]
+        x[j] = xj
+        gj = row(GS, 0, 0, j, 0)
+        if reset:
+            vscal_read(gj, vs, os_, bk[j], xj, 0, nv)
+        else:
+            vaxpby_read(gj, vs, os_, a, bk[j], xj, 0, nv)
+
+
+@jit(nrt=False, noalias=True, reduce=True)
+def _cg(
+    HT: Array,
+    LM: Array,
+    QS: Array,
+    X: Array,
+    R: Array,
+    P: Array,
+    AP: Array,
+    iterations: int,
+    eps: float,
+) -> None:
+    """fla's conjugate gradient for ``(H + Diag(lamb)) x = q~`` into ``X`` (``HT = H^T``);
+    ``eps`` is :data:`CG_EPS` in the compute dtype."""
+    prefer_512()
+    K = HT.shape[2]
+    n = HT.shape[3]
+    lm = row(LM, 0, 0, 0, 0)
+    qs = row(QS, 0, 0, 0, 0)
+    x = row(X, 0, 0, 0, 0)
+    r = row(R, 0, 0, 0, 0)
+    p = row(P, 0, 0, 0, 0)
+    ap = row(AP, 0, 0, 0, 0)
+    zero = eps - eps
+    rr = zero
+    for i in range(n):
+        x[i] = zero
+        r[i] = qs[i]
+        p[i] = qs[i]
+        rr += qs[i] * qs[i]
+    for _ in range(iterations):
+        for i in range(n):
+            ap[i] = lm[i] * p[i]
+        for c in range(K):
+            vaxpy(ap, row(HT, 0, 0, c, 0), p[c], 0, n // CW)
+        pap = zero
+        for i in range(n):
+            pap += p[i] * ap[i]
+        alpha = rr / (pap + eps)
+        rn = zero
+        for i in range(n):
+            x[i] += alpha * p[i]
+            ri = r[i] - alpha * ap[i]
+            r[i] = ri
+            rn += ri * ri
+        f = rn / (rr + eps)
+        for i in range(n):
+            p[i] = r[i] + f * p[i]
+        rr = rn
+
+
+@_pass
+def _update_g_read(
+    GS: Array, X: Array, BK: Array, VS: Array, OS: Array, a: float, reset: bool, zero: float
+) -> None:
+    """``G = a G + (beta k) v^T`` and ``OS = G^T x`` (the CG solver's step 3)."""
+    prefer_512()
+    nv = GS.shape[3] // CW
+    x = row(X, 0, 0, 0, 0)
+    bk = row(BK, 0, 0, 0, 0)
+    vs = row(VS, 0, 0, 0, 0)
+    os_ = row(OS, 0, 0, 0, 0)
+    for i in range(OS.shape[3]):
+        os_[i] = zero
+    for j in range(GS.shape[2]):
+        gj = row(GS, 0, 0, j, 0)
+        if reset:
+            vscal_read(gj, vs, os_, bk[j], x[j], 0, nv)
+        else:
+            vaxpby_read(gj, vs, os_, a, bk[j], x[j], 0, nv)
+
+
+@jit(nrt=False, reduce=True)
+def _prepare(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    bb: int,
+    t: int,
+    h: int,
+    hv: int,
+    l2norm: bool,
+    KS: Array,
+    BK: Array,
+    QS: Array,
+    VS: Array,
+    C: Array,
+) -> None:
+    """The token's vectors: ``KS = k``, ``BK = beta k``, ``QS = q~``, ``VS = v`` (zero-padded).
+    ``C = [1, eps, scale, ., .]`` in the compute dtype (``C[3:5]`` scratch)."""
+    K = k.shape[3]
+    V = v.shape[3]
+    kr = row(k, bb, t, h, 0)
+    qr = row(q, bb, t, h, 0)
+    vr = row(v, bb, t, hv, 0)
+    bt = row(beta, bb, t, hv, 0)[0]
+    fk = C[0]
+    fq = C[2]
+    if l2norm:
+        sk = C[0] - C[0]
+        sq = sk
+        for m in range(K):
+            sk += kr[m] * kr[m]
+            sq += qr[m] * qr[m]
+        C[3] = 1.0 / np.sqrt(sk + L2NORM_EPS)  # as the first wave: the root in float64
+        C[4] = C[2] / np.sqrt(sq + L2NORM_EPS)
+        fk = C[3]
+        fq = C[4]
+    ks = row(KS, 0, 0, 0, 0)
+    bk = row(BK, 0, 0, 0, 0)
+    qs = row(QS, 0, 0, 0, 0)
+    vs = row(VS, 0, 0, 0, 0)
+    for m in range(K):
+        km = kr[m] * fk
+        ks[m] = km
+        bk[m] = bt * km
+        qs[m] = qr[m] * fq
+    for m in range(V):
+        vs[m] = vr[m]
+
+
+@jit()
+def _sweep(
+    q: Array,
+    k: Array,
+    v: Array,
+    g: Array,
+    beta: Array,
+    lamb: Array,
+    h_in: Array,
+    h_in_row: int,
+    g_in: Array,
+    g_in_row: int,
+    h_out: Array,
+    h_out_row: int,
+    g_out: Array,
+    g_out_row: int,
+    o: Array,
+    bb: int,
+    t0: int,
+    t1: int,
+    hv: int,
+    group: int,
+    has_init: bool,
+    write_state: bool,
+    l2norm: bool,
+    scale: float,
+    exact: bool,
+    iterations: int,
+) -> None:
+    """One (sequence, value head) from start to end."""
+    dt = v.dtype
+    K = k.shape[3]
+    V = v.shape[3]
+    h = hv // group
+    KP = -(-K // CW) * CW
+    VP = -(-V // CW) * CW
+    # Scratch, carved from one allocation aligned to a cache line: HT, W, GS, then vectors.
+    sizes = (K * KP, K * KP, K * VP, 11 * KP, 2 * VP)
+    line = ALIGN // v.itemsize
+    raw = np.zeros(sum(sizes) + line, dt)
+    off = 0
+    if line > 1:
+        first = row(raw.reshape((1, 1, 1, raw.shape[0])), 0, 0, 0, 0)
+        off = (-(address(first, 0) // v.itemsize)) % line
+    buf = raw[off : off + sum(sizes)]
+    # Every buffer as a 4-d array whose rows ``row(X, 0, 0, i, 0)`` are raw pointers: a
+    # pointer index has no negative-index wrap-around, which kept LLVM from vectorising.
+    HT = buf[: K * KP].reshape((1, 1, K, KP))
+    p = K * KP
+    W = buf[p : p + K * KP].reshape((1, 1, K, KP))
+    p += K * KP
+    GS = buf[p : p + K * VP].reshape((1, 1, K, VP))
+    p += K * VP
+    vec = buf[p : p + 11 * KP].reshape((11, 1, 1, 1, KP))
+    KS, BK, QS, Y, X, LJ = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
+    ID, LM, R, P, AP = vec[6], vec[7], vec[8], vec[9], vec[10]
+    p += 11 * KP
+    VS = buf[p : p + VP].reshape((1, 1, 1, VP))
+    OS = buf[p + VP : p + 2 * VP].reshape((1, 1, 1, VP))
+    C = np.empty(5, dt)
+    C[0] = 1.0
+    C[1] = CG_EPS
+    C[2] = scale
+    one = C[0]
+    eps = C[1]
+    zero = one - one
+    lr = row(lamb, 0, 0, hv, 0)
+    lm = row(LM, 0, 0, 0, 0)
+    for i in range(K):
+        lm[i] = lr[i]
+    if has_init:
+        for i in range(K):
+            src = row(h_in, h_in_row, hv, i, 0)
+            for c in range(K):
+                row(HT, 0, 0, c, 0)[i] = src[c]
+            gsrc = row(g_in, g_in_row, hv, i, 0)
+            gi = row(GS, 0, 0, i, 0)
+            for j in range(V):
+                gi[j] = gsrc[j]
+    y = row(Y, 0, 0, 0, 0)
+    qs = row(QS, 0, 0, 0, 0)
+    os_ = row(OS, 0, 0, 0, 0)
+    for t in range(t0, t1):
+        _prepare(q, k, v, beta, bb, t, h, hv, l2norm, KS, BK, QS, VS, C)
+        gt = row(g, bb, t, hv, 0)[0]
+        reset = gt == -np.inf
+        a = np.exp(gt)
+        if exact:
+            _update_h(HT, W, KS, BK, LM, a, reset, True)
+            for i in range(KP):
+                y[i] = qs[i]
+            _cholesky(W, Y, LJ, ID, one)
+            _backsolve_read(W, ID, Y, X, GS, BK, VS, OS, a, reset, zero)
+        else:
+            _update_h(HT, W, KS, BK, LM, a, reset, False)
+            _cg(HT, LM, QS, X, R, P, AP, iterations, eps)
+            _update_g_read(GS, X, BK, VS, OS, a, reset, zero)
+        orow = row(o, bb, t, hv, 0)
+        for j in range(V):
+            orow[j] = os_[j]
+    if not write_state:
+        return
+    for i in range(K):
+        dst = row(h_out, h_out_row, hv, i, 0)
+        for c in range(K):
+            dst[c] = row(HT, 0, 0, c, 0)[i]
+        gdst = row(g_out, g_out_row, hv, i, 0)
+        gi = row(GS, 0, 0, i, 0)
+        for j in range(V):
+            gdst[j] = gi[j]
+
+
+@jit(parallel=True)
+def mesa_kernel(
+    q: Array,
+    k: Array,
+    v: Array,
+    g: Array,
+    beta: Array,
+    lamb: Array,
+    h_in: Array,
+    g_in: Array,
+    h_in_rows: Array,
+    g_in_rows: Array,
+    h_out: Array,
+    g_out: Array,
+    h_out_rows: Array,
+    g_out_rows: Array,
+    o: Array,
+    seq_b: Array,
+    seq_t0: Array,
+    seq_t1: Array,
+    task_seq: Array,
+    task_hv: Array,
+    group: int,
+    has_init: bool,
+    write_state: bool,
+    l2norm: bool,
+    scale: float,
+    exact: bool,
+    iterations: int,
+) -> None:
+    """Run every task ``(sequence, value head)`` of a call, in parallel.
+
+    Arrays are in the compute dtype with contiguous last axes: ``q, k [B, T, H, K]``,
+    ``v [B, T, HV, V]``, ``g, beta [B, T, HV, 1]``, ``lamb [1, 1, HV, K]``, states ``H [P, HV,
+    K, K]``, ``G [P, HV, K, V]`` (rows ``*_rows`` per sequence; the pools themselves in a
+    decoding step), ``o [B, T, HV, V]``.
+    """
+    for task in prange(task_seq.shape[0]):
+        s = task_seq[task]
+        _sweep(
+            q, k, v, g, beta, lamb,
+            h_in, h_in_rows[s], g_in, g_in_rows[s], h_out, h_out_rows[s], g_out, g_out_rows[s],
+            o, seq_b[s], seq_t0[s], seq_t1[s], task_hv[task], group,
+            has_init, write_state, l2norm, scale, exact, iterations,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _rows(x: Any, dt: np.dtype) -> np.ndarray:
+    """``x`` in ``dt`` with a contiguous last axis (a view when it already is)."""
+    x = np.asarray(x, dtype=dt)
+    return x if unit_last(x) else np.ascontiguousarray(x)
+
+
+def work(call: Call) -> int:
+    """The call's work in state-element updates of the delta family's pass (6 FLOPs each), for
+    the thread count: per token and value head ``K^3/3 + 6 K^2 + 4 K V`` FLOPs with the exact
+    solver, ``iterations (2 K^2 + 10 K) + 4 K^2 + 4 K V`` with CG."""
+    if call.cu_seqlens is None:
+        tokens = call.B * call.T
+    else:
+        tokens = int(call.cu_seqlens[-1] - call.cu_seqlens[0])
+    K, V = call.K, call.V
+    if call.options.get("solver", "exact") == "exact":
+        flops = K**3 // 3 + 6 * K * K + 4 * K * V
+    else:
+        its = int(call.options.get("max_cg_iterations", 30))
+        flops = its * (2 * K * K + 10 * K) + 4 * K * K + 4 * K * V
+    return tokens * call.HV * flops // 6
+
+
+def _task_list(lengths: np.ndarray, HV: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, value head) tasks, longest sequences first."""
+    N = lengths.shape[0]
+    seq = np.repeat(np.arange(N, dtype=np.int64), HV)
+    hv = np.tile(np.arange(HV, dtype=np.int64), N)
+    order = np.argsort(-lengths[seq], kind="stable")
+    return seq[order], hv[order]
+
+
+def _launch(
+    call: Call,
+    states_in: tuple[np.ndarray, np.ndarray] | None,
+    rows_in: tuple[np.ndarray, np.ndarray],
+    states_out: tuple[np.ndarray, np.ndarray] | None,
+    rows_out: tuple[np.ndarray, np.ndarray],
+    seq: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Run the kernel; ``o [B, T, HV, V]`` in the compute dtype."""
+    dt = np.dtype(call.dtype)
+    q, k, v = _rows(call.q, dt), _rows(call.k, dt), _rows(call.v, dt)
+    g = _rows(call.g, dt)[..., None]
+    beta = _rows(call.beta, dt)[..., None]
+    lamb = _rows(call.lamb, dt)[None, None]
+    seq_b, t0, t1 = seq
+    ts, th = _task_list(t1 - t0, call.HV)
+    n = threads_for(work(call), int(ts.shape[0]))
+    o = np.empty((call.B, call.T, call.HV, call.V), dtype=dt)
+    solver = call.options.get("solver", "exact")
+    iterations = int(call.options.get("max_cg_iterations", 30))
+    none = dummy(dt)
+    h_in, g_in = (none, none) if states_in is None else states_in
+    h_out, g_out = (none, none) if states_out is None else states_out
+    with launch(n):
+        call_kernel(
+            mesa_kernel,
+            q, k, v, g, beta, lamb,
+            h_in, g_in, rows_in[0], rows_in[1], h_out, g_out, rows_out[0], rows_out[1],
+            o, seq_b, t0, t1, ts, th, call.HV // call.H,
+            states_in is not None, states_out is not None, bool(call.use_qk_l2norm),
+            float(call.scale), solver == "exact", iterations,
+        )  # fmt: skip
+    return o
+
+
+def run(call: Call) -> tuple[Any, Any]:
+    """``(o, final_state)`` of a ``mesa_net`` sequence call (recurrent form); the final state
+    is the pair ``(H [N, HV, K, K], G [N, HV, K, V])`` in the compute dtype."""
+    dt = np.dtype(call.dtype)
+    rows = np.arange(call.N, dtype=np.int64)
+    init = None
+    if call.initial_state is not None:
+        init = (_rows(call.initial_state[0], dt), _rows(call.initial_state[1], dt))
+    final = None
+    if call.output_final_state:
+        final = (
+            np.empty((call.N, call.HV, call.K, call.K), dtype=dt),
+            np.empty((call.N, call.HV, call.K, call.V), dtype=dt),
+        )
+    o = _launch(call, init, (rows, rows), final, (rows, rows), sequences(call))
+    return o.astype(call.v.dtype, copy=False), final
+
+
+def step(call: Call) -> tuple[Any, Any]:
+    """One ``mesa_net`` decoding step; the pools ``(H, G)`` are updated in place through
+    ``state_indices``.
+
+    A pool of the compute dtype whose last axis is contiguous is read and written in place
+    (each task reads its rows before it writes them); any other goes through a C-ordered copy
+    of its rows, written back. Validation has refused read-only pools, repeated indices and
+    copied inputs that view the pools.
+    """
+    dt = np.dtype(call.dtype)
+    N = call.N
+    rows = np.arange(N, dtype=np.int64) if call.state_indices is None else call.state_indices
+    local = np.arange(N, dtype=np.int64)
+    seq = (local, np.zeros(N, np.int64), np.ones(N, np.int64))
+    pools = tuple(call.state_pool)
+    states: list[np.ndarray] = []
+    idx: list[np.ndarray] = []
+    copied: list[bool] = []
+    for pool in pools:
+        direct = pool.dtype == dt and unit_last(pool)
+        copied.append(not direct)
+        if direct:
+            states.append(pool)
+            idx.append(rows)
+        else:
+            states.append(np.ascontiguousarray(np.asarray(pool)[rows], dtype=dt))
+            idx.append(local)
+    both = (states[0], states[1])
+    o = _launch(call, both, (idx[0], idx[1]), both, (idx[0], idx[1]), seq)
+    for pool, state, c in zip(pools, states, copied, strict=True):
+        if c:
+            pool[rows] = state
+    return o[:, 0].astype(call.v.dtype, copy=False), call.state_pool
