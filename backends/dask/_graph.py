@@ -35,7 +35,7 @@ from . import _blocks
 
 def block_type(call: Call) -> str | None:
     """``"numpy"`` or ``"cupy"``: the type of the call's blocks (None for any other)."""
-    meta = getattr(call.v, "_meta", None)
+    meta = getattr(call.out, "_meta", None)
     if array_api_compat.is_numpy_array(meta):
         return "numpy"
     if array_api_compat.is_cupy_array(meta):
@@ -69,9 +69,11 @@ class Blocks:
         G = call.HV // call.H
         n = call.num_householder
         packed = call.cu_seqlens is not None
-        b = _positive(tuple(call.q.chunks[0]))
-        t = (call.T,) if packed else _positive(tuple(call.q.chunks[1]))
-        hv = _whole_groups(tuple(call.v.chunks[2]), G)
+        lead = call.q if call.q is not None else call.inputs[call.spec.arrays[0].name]
+        heads = call.v if call.v is not None else lead  # a rule without v has HV == H
+        b = _positive(tuple(lead.chunks[0]))
+        t = (call.T,) if packed else _positive(tuple(lead.chunks[1]))
+        hv = _whole_groups(tuple(heads.chunks[2]), G)
         chunks = {
             "B": b,
             "N": (call.N,) if packed else b,
@@ -81,6 +83,7 @@ class Blocks:
             "HV": hv,
             "K": (call.K,),
             "V": (call.V,),
+            "W": (call.V + 2 * call.K + 4,),  # srwm's weight columns
         }
         spec = call.spec
         if len(t) == 1:
@@ -124,7 +127,7 @@ class Blocks:
 
 
 def _at(grid: Any, template: str, b: int, t: int, h: int) -> Any:
-    where = {"B": b, "N": b, "T": t, "R": t, "H": h, "HV": h, "K": 0, "V": 0}
+    where = {"B": b, "N": b, "T": t, "R": t, "H": h, "HV": h, "K": 0, "V": 0, "W": 0}
     return grid[tuple(where[d] for d in dims_of(template))]
 
 
@@ -134,7 +137,8 @@ def run(call: Call) -> tuple[Any, Any]:
 
     blocks = Blocks.of(call)
     spec = call.spec
-    named = {"q": call.q, "k": call.k, "v": call.v, **call.inputs}
+    qkv = {"q": call.q, "k": call.k, "v": call.v} if spec.qkv else {}
+    named = {**qkv, **call.inputs}
     templates = {n: blocks.template(n, x) for n, x in named.items() if x is not None}
     grids = {n: blocks.grid(x, templates[n]) for n, x in named.items() if x is not None}
     layout = spec.state_layout(normalize=call.normalize)
@@ -142,12 +146,15 @@ def run(call: Call) -> tuple[Any, Any]:
     if call.initial_state is not None:
         parts = call.initial_state if len(layout) > 1 else (call.initial_state,)
         state_grids = [blocks.grid(x, a.shape) for x, a in zip(parts, layout, strict=True)]
-    options: dict[str, Any] = {
+    common = {
         "scale": call.scale,
         "use_qk_l2norm": call.use_qk_l2norm,
         "form": call.form,
         "chunk_size": call.chunk_size,
         "cu_seqlens": call.cu_seqlens,
+    }
+    options: dict[str, Any] = {
+        **{name: value for name, value in common.items() if name in spec.common},
         **{name: getattr(call, name) for name in spec.option_names},
     }
     ch = blocks.chunks
@@ -166,7 +173,7 @@ def run(call: Call) -> tuple[Any, Any]:
         outputs, finals[b, h] = along_t(call, options, tokens, state)
         o_blocks.update({(b, t, h): o for t, o in enumerate(outputs)})
 
-    meta, out_dtype = call.v._meta, call.v.dtype
+    meta, out_dtype = call.out._meta, call.out.dtype
     o = da.block(
         [
             [
@@ -218,7 +225,7 @@ def _scan(
     prefix = _prefix_scan([(p[3], p[2]) for p in parts], diagonal)
     outputs, entering = [o], first
     for part, summary in zip(parts, prefix, strict=True):
-        outputs.append(correct(part[0], part[1], entering, call.v.dtype))
+        outputs.append(correct(part[0], part[1], entering, call.out.dtype))
         entering = advance(summary, first, diagonal)
     return outputs, entering
 
@@ -243,7 +250,8 @@ def _assemble_state(
         value = finals[b, h]
         if pair:
             value = dask.delayed(operator.getitem, pure=True)(value, part)
-        sizes = {"N": ch["N"][b], "HV": ch["HV"][h], "K": blocks.call.K, "V": blocks.call.V}
+        sizes = {"N": ch["N"][b], "HV": ch["HV"][h], "H": ch["H"][h], "K": ch["K"][0]}
+        sizes.update(V=ch["V"][0], W=ch["W"][0])
         return da.from_delayed(value, tuple(sizes[d] for d in dims), dtype=dtype, meta=meta)
 
     nested = [[piece(b, h) for h in range(len(ch["HV"]))] for b in range(len(ch["N"]))]

@@ -96,10 +96,20 @@ class Call:
 
         return replace(self, arrays={n: conv(n, x) for n, x in self.arrays.items()})
 
-    def arguments(self, xp: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Positional and keyword arguments for the op, as arrays of namespace ``xp``."""
+    @property
+    def length(self) -> int:
+        """``T``: the tokens of the call (``q``'s, or the first array's, axis 1)."""
+        first = RULES[self.op].arrays[0].name
+        return int(self.arrays[first].shape[1])
+
+    def arguments(
+        self, xp: Any = None, *, step: bool = False
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments for the op (its decoding step if ``step``), as
+        arrays of namespace ``xp``."""
         conv = {n: to_namespace(x, xp) for n, x in self.arrays.items() if x is not None}
-        args = tuple(conv.pop(n) for n in ARG_ORDER[self.op])
+        order = RULES[self.op].step_positional if step else ARG_ORDER[self.op]
+        args = tuple(conv.pop(n) for n in order)
         return args, {**conv, **self.kwargs}
 
     def run(self, fn: Callable[..., Any], xp: Any = None, **extra: Any) -> tuple[Any, Any]:
@@ -300,16 +310,18 @@ def random_call(
             g[rng.uniform(size=shape) < 0.05] = -np.inf
         return g
 
-    arrays: dict[str, Any] = {
-        "q": rng.uniform(0.05, 1.0, (batch, length, heads, key_dim))
-        if normalize
-        else rng.standard_normal((batch, length, heads, key_dim)),
-        "k": keys(rows),
-        "v": rng.standard_normal((batch, rows, hv, value_dim)),
-    }
-    sizes = {"B": batch, "T": length, "R": rows, "H": heads, "HV": hv, "K": key_dim}
-    sizes["V"] = value_dim
     rule = RULES[op]
+    arrays: dict[str, Any] = {}
+    if rule.qkv:
+        arrays["q"] = (
+            rng.uniform(0.05, 1.0, (batch, length, heads, key_dim))
+            if normalize
+            else rng.standard_normal((batch, length, heads, key_dim))
+        )
+        arrays["k"] = keys(rows)
+        arrays["v"] = rng.standard_normal((batch, rows, hv, value_dim))
+    sizes = {"B": batch, "T": length, "R": rows, "H": heads, "HV": hv, "K": key_dim}
+    sizes.update(V=value_dim, W=value_dim + 2 * key_dim + 4)
     # Gates first, then the rest in the description's order (the draws of the first wave's
     # cases stay as they were).
     removal = None
@@ -326,6 +338,10 @@ def random_call(
             removal = rng.standard_normal(shape)
             removal /= np.linalg.norm(removal, axis=-1, keepdims=True)
             arrays[arg.name] = -rng.uniform(0.05, 1.0, (*shape[:-1], 1)) * removal
+        elif arg.sample == "positive":
+            arrays[arg.name] = rng.uniform(0.25, 1.25, shape)
+        elif arg.sample == "small":
+            arrays[arg.name] = rng.standard_normal(shape) / np.sqrt(max(shape[-1], 1))
         elif arg.sample == "unit":
             x = rng.standard_normal(shape)
             if removal is not None:
@@ -339,7 +355,18 @@ def random_call(
     if seqlens is not None:
         arrays["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
         n_states = len(seqlens)
-    if initial_state:
+    layout = rule.state_layout(normalize=normalize)
+    if initial_state and len(layout) > 1 and not normalize:
+        sizes["N"] = n_states
+        arrays["initial_state"] = tuple(
+            _draw_state(rng, tuple(sizes[d] for d in dims_of(part.shape)), part.sample)
+            for part in layout
+        )
+    elif initial_state and layout[0].shape != "[N, HV, K, V]":
+        sizes["N"] = n_states
+        shape = tuple(sizes[d] for d in dims_of(layout[0].shape))
+        arrays["initial_state"] = _draw_state(rng, shape, layout[0].sample)
+    elif initial_state:
         s0 = 0.3 * rng.standard_normal((n_states, hv, key_dim, value_dim))
         if normalize:
             arrays["initial_state"] = (s0, rng.uniform(0.0, 2.0, (n_states, hv, key_dim)))
@@ -357,6 +384,15 @@ def random_call(
     return Call(op, arrays, kwargs)
 
 
+def _draw_state(rng: np.random.Generator, shape: tuple[int, ...], sample: str) -> np.ndarray:
+    """A random state part: ``0.3`` times a normal, or for ``"gram"`` a symmetric positive
+    semi-definite ``A A^T / K`` over the last two axes (MesaNet's ``H``)."""
+    x = rng.standard_normal(shape)
+    if sample == "gram":
+        return np.matmul(x, np.swapaxes(x, -1, -2)) / max(shape[-1], 1)
+    return 0.3 * x
+
+
 def token_arrays(call: Call, t: int) -> dict[str, Any]:
     """The step arguments of token ``t`` (the token's ``n`` rows of the arrays a rule has
     several rows per token of: ``k, v, beta`` of delta_product)."""
@@ -364,11 +400,16 @@ def token_arrays(call: Call, t: int) -> dict[str, Any]:
     n = call.kwargs.get("num_householder", 1)
     several = "num_householder" in rule.option_names
     per_row = {a.name for a in rule.arrays if "R" in dims_of(a.shape)} if several else set()
+    per_token = {a.name for a in rule.arrays if {"T", "R"} & set(dims_of(a.shape))}
+    stepless = {a.name for a in rule.arrays if not a.step}
     out = {}
     for name, x in call.arrays.items():
-        if name in ("initial_state", "cu_seqlens"):
+        if name in ("initial_state", "cu_seqlens") or name in stepless:
             continue
-        out[name] = x[:, t * n : (t + 1) * n] if name in per_row else x[:, t]
+        if name in per_row:
+            out[name] = x[:, t * n : (t + 1) * n]
+        else:
+            out[name] = x[:, t] if name in per_token else x
     return out
 
 
@@ -428,8 +469,8 @@ def run_steps(
     fn = getattr(fastweights.step, call.op)
     outs = []
     in_place = True
-    for t in range(call.arrays["q"].shape[1]):
-        args, kwargs = Call(call.op, token_arrays(call, t), keywords).arguments(xp)
+    for t in range(call.length):
+        args, kwargs = Call(call.op, token_arrays(call, t), keywords).arguments(xp, step=True)
         o, new = fn(*args, state, **kwargs, backend=backend)
         first_new = new[0] if isinstance(new, tuple) else new
         first_old = state[0] if isinstance(state, tuple) else state

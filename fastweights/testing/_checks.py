@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._ops import RULES
+from ..rules._rule import dims_of
 from ._cases import OPS, Call, GoldenCase, load_golden_cases, random_call, run_steps, token_arrays
 from ._tolerance import assert_close, relative_rms, to_namespace, to_numpy, tolerance
 
@@ -164,15 +165,21 @@ class _Suite:
     def forms_agree(self, op: str) -> None:
         """On odd shapes (T % chunk != 0, K != V, HV > H, packed), every form equals the oracle."""
         fails = _Failures(f"{self.name}: forms of {op}")
+        rule = RULES[op]
+        groups = _groups(op)
         variants: dict[str, Call] = {
-            "B2 T37 H2 G2 K12 V7": random_call(op, seed=1, groups=2),
+            f"B2 T37 H2 G{groups} K12 V7": random_call(op, seed=1, groups=groups),
             "T1": random_call(op, seed=2, length=1),
             "packed 0,1,20,16,0": random_call(op, seed=3, seqlens=[0, 1, 20, 16, 0]),
-            "strong gates": random_call(op, seed=4, gates="strong", length=40),
-            "resets": random_call(op, seed=5, gates="reset", initial_state=True),
+            "no initial state": random_call(op, seed=10, length=9, initial_state=False),
         }
-        if "beta" in random_call(op, length=1).arrays:
+        if rule.log_decays:
+            variants["strong gates"] = random_call(op, seed=4, gates="strong", length=40)
+            variants["resets"] = random_call(op, seed=5, gates="reset", initial_state=True)
+        beta = next((a for a in rule.args if a.name == "beta"), None)
+        if beta is not None and beta.alternatives:
             variants["per-value beta"] = random_call(op, seed=6, beta_per_value=True)
+        if "use_qk_l2norm" in rule.common:
             variants["qk l2norm, scale 0.7"] = random_call(
                 op, seed=7, use_qk_l2norm=True, scale=0.7
             )
@@ -181,13 +188,13 @@ class _Suite:
         if op == "delta_product":
             variants["ungated n=3"] = random_call(op, seed=9, gates="none", num_householder=3)
         for label, call in variants.items():
-            self._check_forms(fails, label, call, chunk_size=16)
+            self._check_forms(fails, label, call, **_chunk_size(op, 16))
         fails.raise_if_any()
 
     def streaming(self, op: str) -> None:
         """Running pieces and carrying the final state equals one call."""
         fails = _Failures(f"{self.name}: streaming {op}")
-        variants = {"plain": random_call(op, seed=11, groups=2, length=37)}
+        variants = {"plain": random_call(op, seed=11, groups=_groups(op), length=37)}
         if op == "linear_attn":
             variants["normalize"] = random_call(op, seed=12, normalize=True, length=37)
         cuts = [0, 1, 14, 30, 37]
@@ -202,7 +209,7 @@ class _Suite:
                         for a, b in itertools.pairwise(cuts):
                             piece = _slice_tokens(cast, a, b, state)
                             o, state = self.run(
-                                piece, form=form, output_final_state=True, chunk_size=16
+                                piece, form=form, output_final_state=True, **_chunk_size(op, 16)
                             )
                             outs.append(to_numpy(o))
                         _compare(
@@ -213,10 +220,10 @@ class _Suite:
     def decoding(self, op: str) -> None:
         """T calls of ``fastweights.step`` equal one call, in a permuted, larger state pool."""
         fails = _Failures(f"{self.name}: decoding {op}")
-        variants = {
-            "G2": random_call(op, seed=21, groups=2, batch=3, length=9),
-            "qk l2norm": random_call(op, seed=22, batch=2, length=5, use_qk_l2norm=True),
-        }
+        groups = _groups(op)
+        variants = {f"G{groups}": random_call(op, seed=21, groups=groups, batch=3, length=9)}
+        if "use_qk_l2norm" in RULES[op].common:
+            variants["qk l2norm"] = random_call(op, seed=22, batch=2, length=5, use_qk_l2norm=True)
         if op == "linear_attn":
             variants["normalize"] = random_call(op, seed=23, batch=2, length=6, normalize=True)
         for label, call in variants.items():
@@ -231,7 +238,7 @@ class _Suite:
         self, op: str, call: Call, want: tuple[Any, Any], dtype: np.dtype, pooled: bool
     ) -> None:
         a = call.arrays
-        batch = a["q"].shape[0]
+        batch = a[RULES[op].arrays[0].name].shape[0]
         rng = np.random.default_rng(0)
         pool_dtype = _compute_dtype(dtype)
         s0 = a["initial_state"]
@@ -264,7 +271,7 @@ class _Suite:
     def inputs(self, op: str) -> None:
         """Inputs are never modified; non-contiguous views give the same results."""
         fails = _Failures(f"{self.name}: inputs of {op}")
-        call = random_call(op, seed=31, groups=2, length=21)
+        call = random_call(op, seed=31, groups=_groups(op), length=21)
         views = _noncontiguous(call)
         for form in self.forms(call):
             with fails.case(f"form={form}"):
@@ -280,7 +287,11 @@ class _Suite:
                         raise AssertionError(f"input {i} was modified")
                 if _namespace_name(self.xp) == "numpy":
                     alt = self.run(views, form=form, output_final_state=True)
-                    for what, x, y in (("o", alt[0], got[0]), ("state", alt[1], got[1])):
+                    pairs = [("o", alt[0], got[0])] + [
+                        ("state", x, y)
+                        for x, y in zip(_leaves(alt[1]), _leaves(got[1]), strict=True)
+                    ]
+                    for what, x, y in pairs:
                         err = relative_rms(x, y)
                         if not err <= tolerance("float64", form):
                             raise AssertionError(
@@ -373,6 +384,17 @@ def _implemented_as(op: str) -> str:
     return rule.name
 
 
+def _groups(op: str) -> int:
+    """Value heads per key head of the checks' calls: 2, or 1 for a rule that needs
+    ``HV == H``."""
+    return 1 if RULES[op].same_heads else 2
+
+
+def _chunk_size(op: str, size: int) -> dict[str, int]:
+    """``chunk_size=size`` for a rule that takes it (recurrent-only rules do not)."""
+    return {"chunk_size": size} if "chunk_size" in RULES[op].common else {}
+
+
 def _with(call: Call, **arrays: Any) -> Call:
     return replace(call, arrays={**call.arrays, **arrays})
 
@@ -380,9 +402,13 @@ def _with(call: Call, **arrays: Any) -> Call:
 def _slice_tokens(call: Call, start: int, stop: int, state: Any) -> Call:
     """Tokens ``start:stop`` of an unpacked call, starting from ``state``."""
     n = call.kwargs.get("num_householder", 1)
+    per_token = {a.name for a in RULES[call.op].arrays if {"T", "R"} & set(dims_of(a.shape))}
     out: dict[str, Any] = {"initial_state": state}
     for name, x in call.arrays.items():
         if name == "initial_state":
+            continue
+        if name not in per_token:
+            out[name] = x
             continue
         rows = n if (call.op == "delta_product" and name in ("k", "v", "beta")) else 1
         out[name] = x[:, start * rows : stop * rows]
@@ -392,11 +418,11 @@ def _slice_tokens(call: Call, start: int, stop: int, state: Any) -> Call:
 def _noncontiguous(call: Call) -> Call:
     """The same call with every 4-D input a non-contiguous view (fused slices, transposes)."""
     out = dict(call.arrays)
-    q, k = call.arrays["q"], call.arrays["k"]
-    if q.shape == k.shape:
+    q, k = call.arrays.get("q"), call.arrays.get("k")
+    if q is not None and k is not None and q.shape == k.shape:
         fused = np.concatenate([q, k], axis=-1)
         out["q"], out["k"] = fused[..., : q.shape[-1]], fused[..., q.shape[-1] :]
-    for name in ("v", "gk", "beta"):
+    for name in ("v", "gk", "beta", "x"):
         x = call.arrays.get(name)
         if x is not None and x.ndim == 4:
             out[name] = np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)

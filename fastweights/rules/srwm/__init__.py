@@ -72,6 +72,7 @@ SRWM = Rule(
     common=("initial_state", "output_final_state", "cu_seqlens", "form"),
     out="x",
     sizes=sizes,
+    same_heads=True,
     title="The self-referential weight matrix: one weight per head computes its own output, "
     "keys, queries and learning rates, and rewrites itself.",
     doc="""\
