@@ -104,6 +104,24 @@ if DISABLE_JIT:
         """``zero + sum p q``."""
         return zero + np.sum(p[_sl(c0, c1)] * q[_sl(c0, c1)])
 
+    def vscalemask(d: Any, inv: float, j: int, c0: int, c1: int) -> None:
+        """``d[i] = d[i] inv`` where ``i > j``, else 0."""
+        sl = _sl(c0, c1)
+        i = np.arange(sl.start, sl.stop)
+        d[sl] = np.where(i > j, d[sl] * inv, 0.0)
+
+    def fold4(W: Any, j: int, m0: int, m1: int, c0: int, c1: int) -> None:
+        """``W[j + c, chunks] -= sum_m W[m, j + c] W[m, chunks]``, ``c < 4``, ``m0 <= m < m1``."""
+        A = W[0, 0]
+        sl = _sl(c0, c1)
+        A[j : j + 4, sl] -= A[m0:m1, j : j + 4].T @ A[m0:m1, sl]
+
+    def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> tuple[float, float, float, float]:
+        """``W[j + c, chunks] . x[chunks]`` for ``c < 4``."""
+        sl = _sl(c0, c1)
+        d = W[0, 0, j : j + 4, sl] @ x[sl]
+        return d[0], d[1], d[2], d[3]
+
 else:
     from llvmlite import ir
     from numba import njit, types
@@ -281,6 +299,185 @@ else:
 
         return p.dtype(p, q, zero, c0, c1), codegen
 
+    def _vload(builder: Any, ptr: Any, off: Any, vty: Any, al: int) -> Any:
+        p = builder.bitcast(builder.gep(ptr, [off], inbounds=True), vty.as_pointer())
+        return builder.load(p, align=al, typ=vty)
+
+    def _vstore(builder: Any, value: Any, ptr: Any, off: Any, al: int) -> None:
+        p = builder.bitcast(builder.gep(ptr, [off], inbounds=True), value.type.as_pointer())
+        builder.store(value, p, align=al)
+
+    def _hsum(builder: Any, v: Any) -> Any:
+        """The sum of a vector's lanes, pairwise halves."""
+        n = CW
+        while n > 1:
+            n //= 2
+            i32 = ir.IntType(32)
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+            hi = builder.shuffle_vector(
+                v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n)))
+            )
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    @intrinsic
+    def _vscalemask(typingctx: Any, d: Any, inv: Any, j: Any, c0: Any, c1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            (vi,) = _splats(context, builder, sig, args, (1,))
+            i64 = ir.IntType(64)
+            jj = _splat(
+                builder,
+                context.cast(builder, args[2], sig.args[2], types.int64),
+                ir.VectorType(i64, CW),
+            )
+            lanes = ir.Constant(ir.VectorType(i64, CW), list(range(CW)))
+
+            dt = sig.args[0].dtype
+            vty = ir.VectorType(context.get_value_type(dt), CW)
+            al = context.get_abi_sizeof(context.get_value_type(dt))
+            lo = context.cast(builder, args[3], sig.args[3], types.intp)
+            hi = context.cast(builder, args[4], sig.args[4], types.intp)
+            with cgutils.for_range_slice(builder, lo, hi, ir.Constant(lo.type, 1), inc=True) as (
+                ch,
+                _,
+            ):
+                off = builder.mul(ch, ir.Constant(ch.type, CW))
+                idx = builder.add(_splat(builder, off, ir.VectorType(i64, CW)), lanes)
+                keep = builder.icmp_signed(">", idx, jj)
+                x = builder.fmul(_vload(builder, args[0], off, vty, al), vi)
+                _vstore(builder, builder.select(keep, x, ir.Constant(vty, None)), args[0], off, al)
+            return context.get_dummy_value()
+
+        return types.void(d, inv, j, c0, c1), codegen
+
+    @intrinsic
+    def _fold4(
+        typingctx: Any, w: Any, stride: Any, j: Any, m0: Any, m1: Any, c0: Any, c1: Any
+    ) -> Any:
+        """``W[j + c, chunks c0..c1] -= sum_{m0 <= m < m1} W[m, j + c] W[m, chunks]``, ``c <
+        4``, with ``W[r, i] = w[r stride + i]``: the left-looking update of four columns, a
+        register tile of 4 columns x up to 4 chunks (two partial sums over ``m`` when the
+        tile has at most 2 chunks, for enough independent FMAs)."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            dt = sig.args[0].dtype
+            ety = context.get_value_type(dt)
+            vty = ir.VectorType(ety, CW)
+            al = context.get_abi_sizeof(ety)
+            wp = args[0]
+            ints = [
+                context.cast(builder, a, t, types.intp)
+                for a, t in zip(args[1:], sig.args[1:], strict=True)
+            ]
+            stride, jv, m0v, m1v, c0v, c1v = ints
+            one = ir.Constant(stride.type, 1)
+            cwc = ir.Constant(stride.type, CW)
+
+            def variant(g: Any, nq: int) -> None:
+                sets = 2 if nq <= 2 else 1
+                accs = [
+                    [[cgutils.alloca_once(builder, vty) for _ in range(nq)] for _ in range(4)]
+                    for _ in range(sets)
+                ]
+                for st in accs:
+                    for rowacc in st:
+                        for a in rowacc:
+                            builder.store(ir.Constant(vty, None), a)
+                goff = builder.mul(g, cwc)
+
+                def term(m: Any, st: Any) -> None:
+                    base = builder.mul(m, stride)
+                    bs = [
+                        _vload(
+                            builder,
+                            wp,
+                            builder.add(base, builder.add(goff, ir.Constant(stride.type, q * CW))),
+                            vty,
+                            al,
+                        )
+                        for q in range(nq)
+                    ]
+                    for c in range(4):
+                        sp = builder.gep(
+                            wp,
+                            [builder.add(base, builder.add(jv, ir.Constant(stride.type, c)))],
+                            inbounds=True,
+                        )
+                        va = _splat(builder, builder.load(sp, typ=ety), vty)
+                        for q in range(nq):
+                            acc = builder.load(st[c][q], typ=vty)
+                            builder.store(_fma(builder, va, bs[q], acc), st[c][q])
+
+                n = builder.sub(m1v, m0v)
+                if sets == 2:
+                    half = builder.sdiv(n, ir.Constant(n.type, 2))
+                    with cgutils.for_range_slice(
+                        builder, ir.Constant(n.type, 0), half, one, inc=True
+                    ) as (i, _):
+                        term(builder.add(m0v, i), accs[0])
+                        term(builder.add(builder.add(m0v, half), i), accs[1])
+                    start = builder.add(m0v, builder.add(half, half))
+                else:
+                    start = m0v
+                with cgutils.for_range_slice(builder, start, m1v, one, inc=True) as (m, _):
+                    term(m, accs[0])
+                for c in range(4):
+                    rbase = builder.mul(builder.add(jv, ir.Constant(stride.type, c)), stride)
+                    for q in range(nq):
+                        off = builder.add(
+                            rbase, builder.add(goff, ir.Constant(stride.type, q * CW))
+                        )
+                        tot = builder.load(accs[0][c][q], typ=vty)
+                        if sets == 2:
+                            tot = builder.fadd(tot, builder.load(accs[1][c][q], typ=vty))
+                        cur = _vload(builder, wp, off, vty, al)
+                        _vstore(builder, builder.fsub(cur, tot), wp, off, al)
+
+            four = ir.Constant(stride.type, 4)
+            with cgutils.for_range_slice(builder, c0v, c1v, four, inc=True) as (g, _):
+                left = builder.sub(c1v, g)
+                for nq in (4, 3, 2, 1):
+                    cond = builder.icmp_signed(
+                        ">=" if nq == 4 else "==", left, ir.Constant(left.type, nq)
+                    )
+                    with builder.if_then(cond):  # exactly one runs: groups step by 4
+                        variant(g, nq)
+            return context.get_dummy_value()
+
+        return types.void(w, stride, j, m0, m1, c0, c1), codegen
+
+    @intrinsic
+    def _dot4(typingctx: Any, w: Any, stride: Any, j: Any, x: Any, c0: Any, c1: Any) -> Any:
+        """``(W[j + c, chunks] . x[chunks] for c < 4)`` with ``W[r, i] = w[r stride + i]``."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            dt = sig.args[0].dtype
+            ety = context.get_value_type(dt)
+            vty = ir.VectorType(ety, CW)
+            al = context.get_abi_sizeof(ety)
+            wp, xp = args[0], args[3]
+            stride = context.cast(builder, args[1], sig.args[1], types.intp)
+            jv = context.cast(builder, args[2], sig.args[2], types.intp)
+            lo = context.cast(builder, args[4], sig.args[4], types.intp)
+            hi = context.cast(builder, args[5], sig.args[5], types.intp)
+            accs = [cgutils.alloca_once(builder, vty) for _ in range(4)]
+            for a in accs:
+                builder.store(ir.Constant(vty, None), a)
+            with cgutils.for_range_slice(builder, lo, hi, ir.Constant(lo.type, 1), inc=True) as (
+                ch,
+                _,
+            ):
+                off = builder.mul(ch, ir.Constant(ch.type, CW))
+                xv = _vload(builder, xp, off, vty, al)
+                for c in range(4):
+                    r = builder.mul(builder.add(jv, ir.Constant(jv.type, c)), stride)
+                    wv = _vload(builder, wp, builder.add(r, off), vty, al)
+                    builder.store(_fma(builder, wv, xv, builder.load(accs[c], typ=vty)), accs[c])
+            sums = [_hsum(builder, builder.load(a, typ=vty)) for a in accs]
+            return context.make_tuple(builder, sig.return_type, sums)
+
+        return types.UniTuple(w.dtype, 4)(w, stride, j, x, c0, c1), codegen
+
     if CHECKED:
 
         @njit(inline="always")
@@ -334,17 +531,73 @@ else:
             _ck(q, c0, c1)
             return _vdot(p.ptr, q.ptr, zero, c0, c1)
 
+        @njit(inline="always")
+        def vscalemask(d: Any, inv: float, j: int, c0: int, c1: int) -> None:
+            _ck(d, c0, c1)
+            _vscalemask(d.ptr, inv, j, c0, c1)
+
+        @njit(inline="always")
+        def _base(W: Any) -> Any:
+            return row(W, 0, 0, 0, 0).ptr
+
     else:
+
+        @njit(inline="always")
+        def _ck(p: Any, c0: int, c1: int) -> None:
+            """No check in the fast build."""
+
         vaxpy, vaxpby, vscal, vcopy = _vaxpy, _vaxpby, _vscal, _vcopy
-        vaxpby_read, vscal_read, vdot = _vaxpby_read, _vscal_read, _vdot
+        vaxpby_read, vscal_read, vdot, vscalemask = _vaxpby_read, _vscal_read, _vdot, _vscalemask
+
+        @njit(inline="always")
+        def _base(W: Any) -> Any:
+            return row(W, 0, 0, 0, 0)
+
+    @njit(inline="always")
+    def _ck_tile(W: Any, j: int, m0: int, m1: int, c0: int, c1: int) -> None:
+        """The checked build's range check of :func:`fold4` and :func:`dot4` (a C-ordered
+        ``W`` is what their row stride assumes)."""
+        if CHECKED:
+            R = W.shape[2]
+            ok = j >= 0 and j + 4 <= R and m0 >= 0 and m0 <= m1 and m1 <= R and c0 >= 0
+            ok = ok and (c1 <= c0 or c1 * CW <= W.shape[3])
+            ok = ok and W.strides[3] == W.itemsize and W.strides[2] == W.shape[3] * W.itemsize
+            if not ok:
+                raise IndexError("fastweights checked build: tile out of the matrix")
+
+    @njit(inline="always")
+    def fold4(W: Any, j: int, m0: int, m1: int, c0: int, c1: int) -> None:
+        """``W[j + c, chunks] -= sum_m W[m, j + c] W[m, chunks]``, ``c < 4``, ``m0 <= m < m1``
+        (``W [1, 1, R, C]``, C-ordered)."""
+        _ck_tile(W, j, m0, m1, c0, c1)
+        _fold4(_base(W), W.shape[3], j, m0, m1, c0, c1)
+
+    @njit(inline="always")
+    def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> Any:
+        """``W[j + c, chunks] . x[chunks]`` for ``c < 4`` (``x`` a row pointer)."""
+        _ck_tile(W, j, 0, 0, c0, c1)
+        if CHECKED:
+            _ck(x, c0, c1)
+            return _dot4(_base(W), W.shape[3], j, x.ptr, c0, c1)
+        return _dot4(_base(W), W.shape[3], j, x, c0, c1)
 
 
 @_pass
 def _update_h(
-    HT: Array, W: Array, KS: Array, BK: Array, LM: Array, a: float, reset: bool, copy: bool
+    HT: Array,
+    W: Array,
+    KS: Array,
+    BK: Array,
+    LM: Array,
+    a: float,
+    reset: bool,
+    copy: bool,
+    one: float,
 ) -> None:
     """``HT = a HT + k (beta k)^T`` (``a`` ignored on a reset); with ``copy``, ``W[c, i] =
-    HT[c, i] (+ lamb_c on the diagonal)`` from row ``c``'s own chunk on."""
+    HT[c, i] (+ lamb_c on the diagonal)`` from row ``c``'s own chunk on, and the padding rows
+    ``K <= c < KP`` of ``W`` are rows of the identity (the padded matrix factors as
+    ``[[L, 0], [0, I]]``)."""
     prefer_512()
     K = HT.shape[2]
     nk = HT.shape[3] // CW
@@ -361,39 +614,47 @@ def _update_h(
             wc = row(W, 0, 0, c, 0)
             vcopy(wc, hc, c // CW, nk)
             wc[c] += lm[c]
+    if copy:
+        zero = one - one
+        for c in range(K, W.shape[2]):
+            wc = row(W, 0, 0, c, 0)
+            for i in range((c // CW) * CW, nk * CW):
+                wc[i] = zero
+            wc[c] = one
 
 
 @_pass
-def _cholesky(W: Array, Y: Array, LJ: Array, ID: Array, one: float) -> None:
-    """``W``'s rows are the columns of ``A`` (from their diagonal on): factor ``A = L L^T`` in
-    place (row ``j`` of ``W`` becomes column ``j`` of ``L`` below the diagonal, zeros up to
-    and on it; ``ID[j] = 1 / L[j, j]``) and solve ``L y = Y`` in place. ``one`` is 1 in the
-    compute dtype (a float64 literal would promote float32 work)."""
+def _cholesky(W: Array, Y: Array, ID: Array, one: float) -> None:
+    """``W [KP, KP]``'s rows are the columns of ``A`` (from their diagonal on): factor ``A = L
+    L^T`` in place (row ``j`` of ``W`` becomes column ``j`` of ``L`` below the diagonal, zeros
+    up to and on it; ``ID[j] = 1 / L[j, j]``) and solve ``L y = Y`` in place. ``one`` is 1 in
+    the compute dtype (a float64 literal would promote float32 work).
+
+    Left-looking by blocks of 4 columns: one register tile applies every earlier column to the
+    block (:func:`fold4`), then the block's own 4 columns are factored one by one."""
     prefer_512()
-    K = W.shape[2]
+    R = W.shape[2]
     nk = W.shape[3] // CW
-    zero = one - one
     y = row(Y, 0, 0, 0, 0)
-    lj = row(LJ, 0, 0, 0, 0)
     idg = row(ID, 0, 0, 0, 0)
-    for j in range(K):
-        wj = row(W, 0, 0, j, 0)
+    for j in range(0, R, 4):
         j0 = j // CW
-        inv = one / np.sqrt(wj[j])
-        idg[j] = inv
-        for i in range(j0 * CW, nk * CW):
-            s = wj[i] * inv
-            s = s if i > j else zero
-            lj[i] = s
-            wj[i] = s
-        yj = y[j] * inv
-        y[j] = yj
-        vaxpy(y, lj, -yj, j0, nk)
-        for c in range(j + 1, K):
-            vaxpy(row(W, 0, 0, c, 0), lj, -lj[c], c // CW, nk)
+        if j > 0:
+            fold4(W, j, 0, j, j0, nk)
+        for c in range(4):
+            col = j + c
+            wj = row(W, 0, 0, col, 0)
+            inv = one / np.sqrt(wj[col])
+            idg[col] = inv
+            vscalemask(wj, inv, col, j0, nk)
+            for d in range(c + 1, 4):
+                vaxpy(row(W, 0, 0, j + d, 0), wj, -wj[j + d], j0, nk)
+            yj = y[col] * inv
+            y[col] = yj
+            vaxpy(y, wj, -yj, j0, nk)
 
 
-@jit(nrt=False, noalias=True, reduce=True)
+@_pass
 def _backsolve_read(
     W: Array,
     ID: Array,
@@ -407,10 +668,12 @@ def _backsolve_read(
     reset: bool,
     zero: float,
 ) -> None:
-    """``L^T x = y`` (``L`` from :func:`_cholesky`) into ``X``, fused with ``G = a G + (beta
-    k) v^T`` row by row and ``OS = G^T x``."""
+    """``L^T x = y`` (``L`` from :func:`_cholesky`) into ``X`` by blocks of 4 rows from the
+    bottom (:func:`dot4` of the rows with the known part of ``x``, then the block's triangle),
+    fused with ``G = a G + (beta k) v^T`` row by row and ``OS = G^T x``."""
     prefer_512()
-    K = W.shape[2]
+    R = W.shape[2]
+    K = GS.shape[2]
     nk = W.shape[3] // CW
     nv = GS.shape[3] // CW
     x = row(X, 0, 0, 0, 0)
@@ -423,15 +686,25 @@ def _backsolve_read(
         x[i] = zero
     for i in range(OS.shape[3]):
         os_[i] = zero
-    for j in range(K - 1, -1, -1):
-        s = vdot(row(W, 0, 0, j, 0), x, zero, j // CW, nk)
-        xj = (y[j] - s) * idg[j]
-        x[j] = xj
-        gj = row(GS, 0, 0, j, 0)
-        if reset:
-            vscal_read(gj, vs, os_, bk[j], xj, 0, nv)
-        else:
-            vaxpby_read(gj, vs, os_, a, bk[j], xj, 0, nv)
+    for j in range(R - 4, -1, -4):
+        s0, s1, s2, s3 = dot4(W, j, x, j // CW, nk)
+        w0 = row(W, 0, 0, j, 0)
+        w1 = row(W, 0, 0, j + 1, 0)
+        w2 = row(W, 0, 0, j + 2, 0)
+        x3 = (y[j + 3] - s3) * idg[j + 3]
+        x2 = (y[j + 2] - s2 - w2[j + 3] * x3) * idg[j + 2]
+        x1 = (y[j + 1] - s1 - w1[j + 2] * x2 - w1[j + 3] * x3) * idg[j + 1]
+        x0 = (y[j] - s0 - w0[j + 1] * x1 - w0[j + 2] * x2 - w0[j + 3] * x3) * idg[j]
+        x[j] = x0
+        x[j + 1] = x1
+        x[j + 2] = x2
+        x[j + 3] = x3
+        for c in range(j, min(j + 4, K)):
+            gj = row(GS, 0, 0, c, 0)
+            if reset:
+                vscal_read(gj, vs, os_, bk[c], x[c], 0, nv)
+            else:
+                vaxpby_read(gj, vs, os_, a, bk[c], x[c], 0, nv)
 
 
 @jit(nrt=False, noalias=True, reduce=True)
@@ -593,7 +866,7 @@ def _sweep(
     KP = -(-K // CW) * CW
     VP = -(-V // CW) * CW
     # Scratch, carved from one allocation aligned to a cache line: HT, W, GS, then vectors.
-    sizes = (K * KP, K * KP, K * VP, 11 * KP, 2 * VP)
+    sizes = (K * KP, KP * KP, K * VP, 11 * KP, 2 * VP)
     line = ALIGN // v.itemsize
     raw = np.zeros(sum(sizes) + line, dt)
     off = 0
@@ -605,12 +878,12 @@ def _sweep(
     # pointer index has no negative-index wrap-around, which kept LLVM from vectorising.
     HT = buf[: K * KP].reshape((1, 1, K, KP))
     p = K * KP
-    W = buf[p : p + K * KP].reshape((1, 1, K, KP))
-    p += K * KP
+    W = buf[p : p + KP * KP].reshape((1, 1, KP, KP))
+    p += KP * KP
     GS = buf[p : p + K * VP].reshape((1, 1, K, VP))
     p += K * VP
     vec = buf[p : p + 11 * KP].reshape((11, 1, 1, 1, KP))
-    KS, BK, QS, Y, X, LJ = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
+    KS, BK, QS, Y, X = vec[0], vec[1], vec[2], vec[3], vec[4]
     ID, LM, R, P, AP = vec[6], vec[7], vec[8], vec[9], vec[10]
     p += 11 * KP
     VS = buf[p : p + VP].reshape((1, 1, 1, VP))
@@ -644,13 +917,13 @@ def _sweep(
         reset = gt == -np.inf
         a = np.exp(gt)
         if exact:
-            _update_h(HT, W, KS, BK, LM, a, reset, True)
+            _update_h(HT, W, KS, BK, LM, a, reset, True, one)
             for i in range(KP):
                 y[i] = qs[i]
-            _cholesky(W, Y, LJ, ID, one)
+            _cholesky(W, Y, ID, one)
             _backsolve_read(W, ID, Y, X, GS, BK, VS, OS, a, reset, zero)
         else:
-            _update_h(HT, W, KS, BK, LM, a, reset, False)
+            _update_h(HT, W, KS, BK, LM, a, reset, False, one)
             _cg(HT, LM, QS, X, R, P, AP, iterations, eps)
             _update_g_read(GS, X, BK, VS, OS, a, reset, zero)
         orow = row(o, bb, t, hv, 0)
