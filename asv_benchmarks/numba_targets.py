@@ -7,7 +7,9 @@ figure is a median over repetitions, and every ratio compares figures of this sa
 - prefill, B=1, T=8192, H=4, K=V=128 (and 64), ``form="auto"``, float32: the effective rate
   ``6 K V`` FLOPs per token and head (``8 K V`` for ``dplr``: its fused pass does 5 vector
   operations per state element where the delta rule's does 3), and its ratio to the matmul
-  rate (target >= 45 %; ``dplr``: >= 40 % at K=V=128, >= 30 % at 64). The
+  rate (target >= 45 %; ``dplr``: >= 40 % at K=V=128, >= 30 % at 64; ``mesa_net``, solver
+  ``"exact"``, K=V=64 only: ``K^3/3 + 2 K^2`` FLOPs for the Cholesky solve plus ``4 K^2 + 4 K
+  V`` for the updates and the read, per token and head, target >= 25 %). The
   machine's speed drifts by 10-15 % within a minute (a shared host), so each prefill call is
   paired with a matmul timed just before it and the ratio is the median over the pairs;
 - a plain per-token NumPy loop (:func:`fastweights.testing.naive.gated_delta_rule`, timed
@@ -35,11 +37,30 @@ import numpy as np
 import fastweights
 from fastweights.testing import naive
 
-OPS = ("gated_delta_rule", "delta_rule", "simple_gla", "linear_attn", "gla", "kda", "dplr")
+OPS = (
+    "gated_delta_rule",
+    "delta_rule",
+    "simple_gla",
+    "linear_attn",
+    "gla",
+    "kda",
+    "dplr",
+    "mesa_net",
+)
 
 
-TARGETS = {"dplr": (40, 30)}
-"""Percent of the matmul rate targeted at K=V=128 and 64 (45 and 40 for the first wave)."""
+TARGETS: dict[str, tuple[int | None, int | None]] = {"dplr": (40, 30), "mesa_net": (None, 25)}
+"""Percent of the matmul rate targeted at K=V=128 and 64 (45 and 40 for the first wave; None:
+not measured at that size)."""
+
+
+def flops(op: str, K: int, V: int, T: int, H: int) -> float:
+    """FLOPs of one prefill call: the rule's FLOPs per state element (6, or 8 for DPLR) times
+    ``K V``, per token and head; ``mesa_net`` counts its solve, ``K^3/3 + 2 K^2`` (Cholesky and
+    the two triangular solves), plus ``4 K^2 + 4 K V`` for the two updates and the read."""
+    if op == "mesa_net":
+        return (K**3 / 3 + 2 * K * K + 4 * K * K + 4 * K * V) * T * H
+    return fastweights.backends.RULES[op].flops * K * V * T * H
 
 
 def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
@@ -69,12 +90,14 @@ def inputs(op: str, B: int, T: int, H: int, K: int, V: int, seed: int = 0) -> di
         "k": k,
         "v": rng.standard_normal((B, T, H, V), dtype=f32),
     }
-    if op in ("simple_gla", "gated_delta_rule"):
+    if op in ("simple_gla", "gated_delta_rule", "mesa_net"):
         args["g"] = -0.1 * rng.random((B, T, H), dtype=f32)
     if op in ("gla", "kda"):
         args["gk"] = -0.1 * rng.random((B, T, H, K), dtype=f32)
-    if op in ("delta_rule", "gated_delta_rule", "kda"):
+    if op in ("delta_rule", "gated_delta_rule", "kda", "mesa_net"):
         args["beta"] = rng.random((B, T, H), dtype=f32)
+    if op == "mesa_net":  # fla's layer: softplus(param) + 0.25; solver "exact" by default
+        args["lamb"] = rng.uniform(0.25, 1.25, (H, K)).astype(f32)
     if op == "dplr":
         # a = -c, b = beta d with unit c, d and c . d ~ 0.9 (a contracting rank-1 term).
         c = rng.standard_normal((B, T, H, K), dtype=f32)
@@ -103,8 +126,7 @@ def prefill(op: str, K: int, reps: int, T: int = 8192, H: int = 4) -> tuple[floa
     """Seconds per call (median), effective GFLOP/s of ``op`` on the numba backend, and the
     median over ``reps`` pairs (a matmul, then the call) of the ratio of the two rates."""
     args = inputs(op, 1, T, H, K, K)
-    # FLOPs per state element, token and head from the rule's description (6, or 8 for DPLR).
-    flops = fastweights.backends.RULES[op].flops * K * K * T * H
+    total = flops(op, K, K, T, H)
     fn = getattr(fastweights, op)
     a, b = _matmul_operands()
     fn(**args, form="auto", backend="numba")
@@ -120,9 +142,9 @@ def prefill(op: str, K: int, reps: int, T: int = 8192, H: int = 4) -> tuple[floa
         # the steady rate.
         sec = median_time(lambda: fn(**args, form="auto", backend="numba"), 3, warmup=2)
         times.append(sec)
-        ratios.append((flops / sec) / (2 * 2048**3 / mm))
+        ratios.append((total / sec) / (2 * 2048**3 / mm))
     sec = statistics.median(times)
-    return sec, flops / sec / 1e9, statistics.median(ratios)
+    return sec, total / sec / 1e9, statistics.median(ratios)
 
 
 def naive_rate(tokens: int, T: int = 8192, H: int = 4, K: int = 128) -> float:
@@ -217,9 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for K in (128, 64):
         for op in ns.ops.split(","):
+            target = TARGETS.get(op, (45, 40))[0 if K == 128 else 1]
+            if target is None:
+                continue
             sec, rate, ratio = prefill(op, K, reps + 2)
             rows.append((op, K, sec, rate))
-            target = TARGETS.get(op, (45, 40))[0 if K == 128 else 1]
             print(
                 f"prefill {op:17s} K=V={K:3d}: {sec * 1e3:7.2f} ms {rate:7.1f} GFLOP/s "
                 f"= {100 * ratio:5.1f} % of matmul, paired (target >= {target} %)"
