@@ -82,6 +82,8 @@ def _sample(rng: np.random.Generator, arg: Arg, shape: tuple[int, ...]) -> np.nd
     if arg.sample == "rate":
         return rng.uniform(0.0, 1.0, shape).astype(f32)
     x = rng.standard_normal(shape, dtype=f32)
+    if arg.sample == "small":  # a matrix that maps bounded vectors to bounded vectors
+        return x / np.float32(np.sqrt(max(shape[-1], 1)))
     if arg.sample in ("unit", "removal"):
         x /= np.linalg.norm(x, axis=-1, keepdims=True)
     if arg.sample == "removal":
@@ -97,7 +99,7 @@ def make_inputs(
     rule = RULES[op]
     rng = np.random.default_rng(seed)
     n = _rows_per_token(op)
-    sizes = {"B": B, "T": T, "R": T * n, "H": H, "HV": H, "K": K, "V": V}
+    sizes = {"B": B, "T": T, "R": T * n, "H": H, "HV": H, "K": K, "V": V, "W": V + 2 * K + 4}
     arrays = {
         a.name: _sample(rng, a, tuple(sizes[d] for d in dims_of(a.shape))) for a in rule.arrays
     }
@@ -115,19 +117,37 @@ def step_inputs(
     op: str, N: int, H: int, K: int, V: int, xp: Any = np, seed: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Arguments of one decoding step of ``op`` for ``N`` sequences (no pool), as
-    :func:`make_inputs` draws them, in the one-token layout of the rule's description."""
+    :func:`make_inputs` draws them, in the one-token layout of the rule's description (arrays
+    without a token axis, ``R_q`` of ``recurrent_delta_rule``, as they are; ``srwm``'s ``W0``,
+    which the pool replaces, left out)."""
     rule = RULES[op]
     args, kwargs = make_inputs(op, N, 1, H, K, V, xp, seed)
     kwargs.pop("num_householder", None)
     product = _rows_per_token(op) > 1
     templates = {a.name: dims_of(a.shape) for a in rule.arrays}
+    stepless = {a.name for a in rule.arrays if not a.step}
 
     def token(name: str, x: Any) -> Any:
         dims = templates[name]
-        return x if "R" in dims and product else x[:, 0]
+        if "R" in dims and product:
+            return x
+        return x[:, 0] if {"T", "R"} & set(dims) else x
 
-    args = tuple(token(n, x) for n, x in zip(rule.positional, args, strict=True))
-    return args, {n: token(n, x) for n, x in kwargs.items()}
+    named = dict(zip(rule.positional, args, strict=True))
+    args = tuple(token(n, named[n]) for n in rule.step_positional)
+    return args, {n: token(n, x) for n, x in kwargs.items() if n not in stepless}
+
+
+def step_pool(op: str, N: int, H: int, K: int, V: int, xp: Any = np) -> Any:
+    """A zero float32 state pool of ``N`` rows for ``op``'s decoding step: ``[N, H, K, V]``, or
+    the rule's own state layout (``srwm``'s weights ``[N, H, K, V + 2K + 4]``, the pair of
+    ``recurrent_delta_rule``)."""
+    sizes = {"N": N, "H": H, "HV": H, "K": K, "V": V, "W": V + 2 * K + 4}
+    parts = tuple(
+        xp.zeros(tuple(sizes[d] for d in dims_of(a.shape)), dtype=xp.float32)
+        for a in RULES[op].state_layout()
+    )
+    return parts[0] if len(parts) == 1 else parts
 
 
 def run_op(op: str, args: Sequence[Any], kwargs: dict[str, Any], **options: Any) -> Any:

@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 import fastweights
-from fastweights._bench import OPS, backend_namespace, best_time, step_inputs, synchronize
+from fastweights._bench import (
+    OPS,
+    backend_namespace,
+    best_time,
+    step_inputs,
+    step_pool,
+    synchronize,
+)
 
 BACKENDS = ["reference", "numba", "cupy"]
 H, D = 16, 128
@@ -28,7 +35,7 @@ class Decode:
         if (B == 32 and on_gpu) or (B == 256 and not on_gpu):
             raise NotImplementedError("B = 32 is the CPU size, B = 256 the GPU size")
         args, kwargs = step_inputs(op, B, H, D, D, xp)
-        self.pool = xp.zeros((B, H, D, D), dtype=xp.float32)
+        self.pool = step_pool(op, B, H, D, D, xp)  # [B, H, D, D] or the rule's own layout
         self.step = getattr(fastweights.step, op)
         self.args, self.kwargs, self.backend = args, kwargs, backend
         self.call()
@@ -41,10 +48,12 @@ class Decode:
         synchronize(self.xp)
 
     def track_fraction_of_copy(self, op: str, backend: str, B: int) -> float:
-        target = self.xp.empty_like(self.pool)
+        parts = self.pool if isinstance(self.pool, tuple) else (self.pool,)
+        targets = [self.xp.empty_like(p) for p in parts]
 
         def copy() -> None:
-            target[...] = self.pool
+            for target, part in zip(targets, parts, strict=True):
+                target[...] = part
 
         return best_time(copy, self.xp, repeat=5) / best_time(self.call, self.xp, repeat=5)
 
