@@ -29,6 +29,10 @@ matrices the driver prepares once per call), and the pass then does, for every k
 (3 FMAs per state element, as the delta family's fused pass). softmax and tanh are vector
 code (``_activations``), the sigmoid one libm call per token.
 
+A decoding step reads each recurrent matrix once per sequence: it takes them as given (one dot
+product per row) rather than building the transposed copy, which would cost as much as the
+step itself at small batches.
+
 A decoding step runs the same kernel with the pools as both the initial and the final state (a
 task reads its own rows before it writes them; validation refuses repeated state indices).
 """
@@ -112,6 +116,35 @@ def _slow_net(RT: Array, h: int, HB: Array, V: int, Z: Array, A: Array) -> None:
             Z[c0 + i] = A[i] + A[ZB + i]
 
 
+@jit(nrt=False, noalias=True, reduce=True)
+def _slow_net_rows(
+    Rq: Array, Rk: Array, Rv: Array, h: int, HB: Array, K: int, V: int, Z: Array, zero: Array
+) -> None:
+    """``Z = [R_q[h]; R_k[h]; R_v[h]] HB[:V]`` from the matrices as given (``[1, H, rows,
+    V]``): one dot product per row. Slower than :func:`_slow_net` per token, but it reads each
+    matrix once and needs no transposed copy: the decoding step's version. ``zero[0]`` is a
+    zero of the compute dtype."""
+    prefer_512()
+    for m in range(K):
+        r = row(Rq, 0, h, m, 0)
+        s = zero[0]
+        for j in range(V):
+            s += r[j] * HB[j]
+        Z[m] = s
+    for m in range(K):
+        r = row(Rk, 0, h, m, 0)
+        s = zero[0]
+        for j in range(V):
+            s += r[j] * HB[j]
+        Z[K + m] = s
+    for i in range(V):
+        r = row(Rv, 0, h, i, 0)
+        s = zero[0]
+        for j in range(V):
+            s += r[j] * HB[j]
+        Z[2 * K + i] = s
+
+
 @jit(nrt=False, reduce=True)
 def _inputs_of(
     q: Array,
@@ -120,6 +153,10 @@ def _inputs_of(
     beta: Array,
     RT: Array,
     RB: Array,
+    Rq: Array,
+    Rk: Array,
+    Rv: Array,
+    natural: bool,
     bb: int,
     t: int,
     h: int,
@@ -132,15 +169,19 @@ def _inputs_of(
     g: Array,
     red: Array,
     M: Array,
+    zero: Array,
 ) -> float:
     """The slow net at token ``t`` fed the last output ``OB``: ``QN = qh``, ``KN = kh``,
     ``VN[:V] = vh``; returns ``b`` (float64). ``Z`` holds ``2 ZB`` scratch elements past the
-    product's columns."""
+    product's columns; the product reads ``Rq, Rk, Rv`` if ``natural``, else ``RT``."""
     K = QN.shape[0]
     V = v.shape[3]
-    nz = RT.shape[3]
     tanh_into(OB, V, HB, g, red)
-    _slow_net(RT, h, HB, V, Z[:nz], Z[nz : nz + 2 * ZB])
+    if natural:
+        _slow_net_rows(Rq, Rk, Rv, h, HB, K, V, Z, zero)
+    else:
+        nz = RT.shape[3]
+        _slow_net(RT, h, HB, V, Z[:nz], Z[nz : nz + 2 * ZB])
     softmax_into(row(q, bb, t, h, 0), Z, 0, K, QN, g, red, M)
     softmax_into(row(k, bb, t, h, 0), Z, K, K, KN, g, red, M)
     vr = row(v, bb, t, h, 0)
@@ -177,6 +218,10 @@ def _sweep(
     beta: Array,
     RT: Array,
     RB: Array,
+    Rq: Array,
+    Rk: Array,
+    Rv: Array,
+    natural: bool,
     S_in: Array,
     o_in: Array,
     in_row: int,
@@ -198,7 +243,7 @@ def _sweep(
     V = v.shape[3]
     nb = -(-V // VB)
     Vp = nb * VB
-    nz = RT.shape[3]
+    nz = 2 * K + V if natural else RT.shape[3]
     KV = max(K, V)
     # Scratch, carved from one allocation.
     sizes = (nb * K * VB, 5 * Vp, 4 * K, 2 * KV + nz + 2 * ZB + V + LANES + 3)
@@ -254,7 +299,10 @@ def _sweep(
         KA[i] = 0.0
     bn = 0.0
     if t1 > t0:
-        bn = _inputs_of(q, k, v, beta, RT, RB, bb, t0, h, OB, HB, Z, QN, KN, VN, g, red, M)
+        bn = _inputs_of(
+            q, k, v, beta, RT, RB, Rq, Rk, Rv, natural, bb, t0, h, OB, HB, Z, QN, KN, VN, g,
+            red, M, cst,
+        )  # fmt: skip
         if has_init:  # the first token's reads of the initial state (U = 0: no write)
             for x in range(nb):
                 _state_pass(Sb, x, U, KA, KN, QN, PK, PQ)
@@ -280,7 +328,8 @@ def _sweep(
             orow[j] = OB[j]
         if t + 1 < t1:
             bn = _inputs_of(
-                q, k, v, beta, RT, RB, bb, t + 1, h, OB, HB, Z, QN, KN, VN, g, red, M
+                q, k, v, beta, RT, RB, Rq, Rk, Rv, natural, bb, t + 1, h, OB, HB, Z, QN, KN,
+                VN, g, red, M, cst,
             )  # fmt: skip
         else:  # the last write: the reads that come with it are not used
             for i in range(K):
@@ -310,6 +359,10 @@ def recurrent_delta_kernel(
     beta: Array,
     RT: Array,
     RB: Array,
+    Rq: Array,
+    Rk: Array,
+    Rv: Array,
+    natural: bool,
     S_in: Array,
     o_in: Array,
     in_rows: Array,
@@ -331,7 +384,8 @@ def recurrent_delta_kernel(
     Arrays are in the compute dtype, last axes contiguous: ``q, k [B, T, H, K]``,
     ``v [B, T, H, V]``, ``beta [B, T, H, 1]``, ``RT [1, H, V, 2K + V]`` rounded up to ``ZB``
     columns (``RT[0, h, j]`` is column ``j`` of ``R_q[h]``, ``R_k[h]``, ``R_v[h]``, then
-    zeros), ``RB [1, H, 1, V]`` (``r_beta``), states
+    zeros), ``RB [1, H, 1, V]`` (``r_beta``), or with ``natural`` the matrices as given,
+    ``Rq, Rk [1, H, K, V]``, ``Rv [1, H, V, V]`` (``RT`` then unused), states
     ``S [P, H, K, V]`` and last outputs ``[P, H, 1, V]`` (rows ``in_rows`` / ``out_rows`` per
     sequence; the same arrays for a decoding step), ``o [B, T, H, V]``. Sequence ``s`` is
     tokens ``seq_t0[s] .. seq_t1[s]-1`` of batch row ``seq_b[s]``.
@@ -339,7 +393,8 @@ def recurrent_delta_kernel(
     for task in prange(task_seq.shape[0]):
         s = task_seq[task]
         _sweep(
-            q, k, v, beta, RT, RB, S_in, o_in, in_rows[s], S_out, o_out, out_rows[s], o,
+            q, k, v, beta, RT, RB, Rq, Rk, Rv, natural, S_in, o_in, in_rows[s], S_out, o_out,
+            out_rows[s], o,
             seq_b[s], seq_t0[s], seq_t1[s], task_h[task], has_init, write_state, scale,
         )  # fmt: skip
 
@@ -363,25 +418,31 @@ def _tasks(lengths: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray]:
     return seq[order], hh[order]
 
 
-def slow_net_matrices(call: Call, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def slow_net_matrix(call: Call, dt: np.dtype) -> np.ndarray:
     """``RT [1, H, V, 2K + V]`` (columns rounded up to a multiple of ``ZB``, zeros): ``R_q,
     R_k, R_v`` transposed side by side, so that one matrix-vector product per token gives the
-    three pre-activations; ``RB [1, H, 1, V]``: ``r_beta``."""
+    three pre-activations."""
     H, K, V = call.H, call.K, call.V
     nz = -(-(2 * K + V) // ZB) * ZB
     RT = np.zeros((1, H, V, nz), dtype=dt)
     RT[0, :, :, :K] = np.swapaxes(np.asarray(call.R_q), 1, 2)
     RT[0, :, :, K : 2 * K] = np.swapaxes(np.asarray(call.R_k), 1, 2)
     RT[0, :, :, 2 * K : 2 * K + V] = np.swapaxes(np.asarray(call.R_v), 1, 2)
-    RB = np.ascontiguousarray(np.asarray(call.r_beta, dtype=dt)).reshape(1, H, 1, V)
-    return RT, RB
+    return RT
 
 
-def _inputs(call: Call) -> tuple[np.ndarray, ...]:
+def _inputs(call: Call, natural: bool) -> tuple[np.ndarray, ...]:
+    """The kernel's inputs in the compute dtype: ``q, k, v, beta, RT, RB, Rq, Rk, Rv``; the
+    slow net reads ``Rq, Rk, Rv`` as given if ``natural`` (``RT`` a dummy), else the
+    transposed copy ``RT`` (``Rq, Rk, Rv`` dummies)."""
     dt = np.dtype(call.dtype)
     q, k, v = as_rows(call.q, dt), as_rows(call.k, dt), as_rows(call.v, dt)
     beta = np.asarray(call.beta, dtype=dt)[..., None]  # [B, T, H, 1]: a unit last axis
-    return q, k, v, beta, *slow_net_matrices(call, dt)
+    RB = np.ascontiguousarray(np.asarray(call.r_beta, dtype=dt)).reshape(1, call.H, 1, call.V)
+    if natural:
+        Rs = tuple(as_rows(getattr(call, n), dt)[None] for n in ("R_q", "R_k", "R_v"))
+        return q, k, v, beta, dummy(dt), RB, *Rs
+    return q, k, v, beta, slow_net_matrix(call, dt), RB, dummy(dt), dummy(dt), dummy(dt)
 
 
 def _threads(call: Call, tasks: int) -> int:
@@ -398,7 +459,7 @@ def _launch(
     seq: tuple[np.ndarray, np.ndarray, np.ndarray],
     task_list: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
-    q, k, v, beta, RT, RB = inputs
+    q, k, v, beta, RT, RB, Rq, Rk, Rv = inputs
     dt = v.dtype
     o = np.empty((call.B, call.T, call.H, call.V), dtype=dt)
     seq_b, t0, t1 = seq
@@ -408,7 +469,8 @@ def _launch(
     with launch(_threads(call, ts.shape[0])):
         call_kernel(
             recurrent_delta_kernel,
-            q, k, v, beta, RT, RB, S_in, o_in, in_rows, S_out, o_out, out_rows,
+            q, k, v, beta, RT, RB, Rq, Rk, Rv, call.is_step, S_in, o_in, in_rows, S_out,
+            o_out, out_rows,
             o, seq_b, t0, t1, ts, th,
             state_in is not None, state_out is not None, float(call.scale),
         )  # fmt: skip
@@ -417,7 +479,7 @@ def _launch(
 
 def run(call: Call) -> tuple[Any, Any]:
     """``(o, (S, o_last) or None)`` of a ``recurrent_delta_rule`` sequence call."""
-    inputs = _inputs(call)
+    inputs = _inputs(call, natural=call.is_step)
     dt = inputs[2].dtype
     seq = sequences(call)
     _, t0, t1 = seq
@@ -450,7 +512,7 @@ def step(call: Call) -> tuple[Any, Any]:
     of its rows, written back. Validation has refused read-only pools, repeated indices and
     copied inputs that view the pools.
     """
-    inputs = _inputs(call)
+    inputs = _inputs(call, natural=call.is_step)
     dt = inputs[2].dtype
     Spool, opool = call.state_pool
     N = call.N

@@ -325,9 +325,8 @@ def test_steps_equal_the_sequence(layout: str, dtype: str) -> None:
     untouched = np.setdiff1d(np.arange(P), idx)
     for p, b in zip(pool, before, strict=True):
         np.testing.assert_array_equal(p[untouched], b[untouched])
-    if tol == dtype:
-        # In the compute dtype a step is the sequence kernel on one token: bitwise.
-        np.testing.assert_array_equal(o, want_o)
+    # Not bitwise: a step reads R_q, R_k, R_v as given (dot products), a sequence call a
+    # transposed copy (register-blocked columns).
     _close(o, _oracle(_call(x, initial_state=init, scale=0.8))[0], tol, "o against the oracle")
 
 
