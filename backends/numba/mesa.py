@@ -86,9 +86,26 @@ if DISABLE_JIT:
         """``d = b s``."""
         d[_sl(c0, c1)] = b * s[_sl(c0, c1)]
 
-    def vcopy(d: Any, s: Any, c0: int, c1: int) -> None:
-        """``d = s``."""
-        d[_sl(c0, c1)] = s[_sl(c0, c1)]
+    def hrow(
+        h: Any,
+        s: Any,
+        w: Any,
+        a: float,
+        b: float,
+        lm: float,
+        c: int,
+        reset: bool,
+        copy: bool,
+        c1: int,
+    ) -> None:
+        """Row ``c`` of ``HT = a HT + b s`` (``b s`` on a reset) over chunks ``[0, c1)``; with
+        ``copy`` also ``w = h + lm e_c`` from row ``c``'s own chunk on."""
+        sl = _sl(0, c1)
+        h[sl] = b * s[sl] if reset else a * h[sl] + b * s[sl]
+        if copy:
+            sw = _sl(c // CW, c1)
+            w[sw] = h[sw]
+            w[c] += lm
 
     def vaxpby_read(d: Any, s: Any, o: Any, a: float, b: float, x: float, c0: int, c1: int) -> None:
         """``d = a d + b s``, then ``o += x d``."""
@@ -115,6 +132,23 @@ if DISABLE_JIT:
         A = W[0, 0]
         sl = _sl(c0, c1)
         A[j : j + 4, sl] -= A[m0:m1, j : j + 4].T @ A[m0:m1, sl]
+
+    def factor4(W: Any, j: int, y: Any, idg: Any, c0: int, c1: int, one: float) -> None:
+        """Factor columns ``j .. j+3`` (already updated by every earlier column) and apply
+        them to ``y`` (see :func:`_factor4`)."""
+        A = W[0, 0]
+        sl = _sl(c0, c1)
+        i = np.arange(sl.start, sl.stop)
+        for c in range(4):
+            col = j + c
+            inv = one / np.sqrt(A[col, col])
+            idg[col] = inv
+            A[col, sl] = np.where(i > col, A[col, sl] * inv, 0.0)
+            for d in range(c + 1, 4):
+                A[j + d, sl] += -A[col, j + d] * A[col, sl]
+            yj = y[col] * inv
+            y[sl] += -yj * A[col, sl]
+            y[col] = yj
 
     def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> tuple[float, float, float, float]:
         """``W[j + c, chunks] . x[chunks]`` for ``c < 4``."""
@@ -216,16 +250,57 @@ else:
         return types.void(d, s, b, c0, c1), codegen
 
     @intrinsic
-    def _vcopy(typingctx: Any, d: Any, s: Any, c0: Any, c1: Any) -> Any:
+    def _hrow(
+        typingctx: Any,
+        h: Any,
+        s: Any,
+        w: Any,
+        a: Any,
+        b: Any,
+        lm: Any,
+        c: Any,
+        reset: Any,
+        copy: Any,
+        c1: Any,
+    ) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            def body(vty: Any, al: Any, at: Any) -> None:
-                y = builder.load(at(args[1]), align=al, typ=vty)
-                builder.store(y, at(args[0]), align=al)
-
-            _chunks(context, builder, sig, args, body)
+            dt = sig.args[0].dtype
+            ety = context.get_value_type(dt)
+            vty = ir.VectorType(ety, CW)
+            al = context.get_abi_sizeof(ety)
+            va, vb, vl = _splats(context, builder, sig, args, (3, 4, 5))
+            hp, sp, wp = args[0], args[1], args[2]
+            it = context.get_value_type(types.intp)
+            cv = context.cast(builder, args[6], sig.args[6], types.intp)
+            hi = context.cast(builder, args[9], sig.args[9], types.intp)
+            rs = context.cast(builder, args[7], sig.args[7], types.boolean)
+            cp = context.cast(builder, args[8], sig.args[8], types.boolean)
+            cwc = ir.Constant(it, CW)
+            first = builder.sdiv(cv, cwc)
+            i64v = ir.VectorType(ir.IntType(64), CW)
+            lanes = ir.Constant(i64v, list(range(CW)))
+            cs = _splat(builder, builder.sext(cv, ir.IntType(64)) if it.width < 64 else cv, i64v)
+            zero = ir.Constant(vty, None)
+            with cgutils.for_range_slice(
+                builder, ir.Constant(it, 0), hi, ir.Constant(it, 1), inc=True
+            ) as (
+                ch,
+                _,
+            ):
+                off = builder.mul(ch, cwc)
+                bs = builder.fmul(vb, _vload(builder, sp, off, vty, al))
+                old = _vload(builder, hp, off, vty, al)
+                hn = builder.select(rs, bs, _fma(builder, va, old, bs))
+                _vstore(builder, hn, hp, off, al)
+                inw = builder.and_(cp, builder.icmp_signed(">=", ch, first))
+                with builder.if_then(inw):
+                    off64 = builder.sext(off, ir.IntType(64)) if it.width < 64 else off
+                    idx = builder.add(_splat(builder, off64, i64v), lanes)
+                    diag = builder.select(builder.icmp_signed("==", idx, cs), vl, zero)
+                    _vstore(builder, builder.fadd(hn, diag), wp, off, al)
             return context.get_dummy_value()
 
-        return types.void(d, s, c0, c1), codegen
+        return types.void(h, s, w, a, b, lm, c, reset, copy, c1), codegen
 
     @intrinsic
     def _vaxpby_read(
@@ -447,6 +522,111 @@ else:
         return types.void(w, stride, j, m0, m1, c0, c1), codegen
 
     @intrinsic
+    def _factor4(
+        typingctx: Any,
+        w: Any,
+        stride: Any,
+        j: Any,
+        y: Any,
+        idg: Any,
+        c0: Any,
+        c1: Any,
+        one: Any,
+    ) -> Any:
+        """Factor columns ``j .. j+3`` of ``W`` (``W[r, i] = w[r stride + i]``, rows from
+        chunk ``c0 = j // CW`` to ``c1``; every earlier column already applied) and apply them
+        to ``y``: the first chunk in registers, its lanes giving the pivots and the block's own
+        multipliers (a chain of square roots without trips through memory), then the other
+        chunks with those scalars, independent of each other. ``idg[j + c] = 1 / L[j+c, j+c]``.
+        ``j`` must be a multiple of 4: the lanes are constants in four variants of the code."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            dt = sig.args[0].dtype
+            ety = context.get_value_type(dt)
+            vty = ir.VectorType(ety, CW)
+            al = context.get_abi_sizeof(ety)
+            wp, yp, ip = args[0], args[3], args[4]
+            intp = types.intp
+            stride = context.cast(builder, args[1], sig.args[1], intp)
+            jv = context.cast(builder, args[2], sig.args[2], intp)
+            c0v = context.cast(builder, args[5], sig.args[5], intp)
+            c1v = context.cast(builder, args[6], sig.args[6], intp)
+            onev = context.cast(builder, args[7], sig.args[7], dt)
+            it = stride.type
+            i32 = ir.IntType(32)
+            cwc = ir.Constant(it, CW)
+            off0 = builder.mul(c0v, cwc)
+            i64v = ir.VectorType(ir.IntType(64), CW)
+            idx0 = builder.add(
+                _splat(
+                    builder, builder.sext(off0, ir.IntType(64)) if it.width < 64 else off0, i64v
+                ),
+                ir.Constant(i64v, list(range(CW))),
+            )
+            sq = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ety, [ety]),
+                "llvm.sqrt.f32" if ety == ir.FloatType() else "llvm.sqrt.f64",
+            )
+            zero = ir.Constant(vty, None)
+            rows = [builder.mul(builder.add(jv, ir.Constant(it, c)), stride) for c in range(4)]
+            band = builder.sdiv(builder.sub(jv, off0), ir.Constant(it, 4))
+
+            def variant(bl: int) -> None:
+                v = [_vload(builder, wp, builder.add(rows[c], off0), vty, al) for c in range(4)]
+                yv = _vload(builder, yp, off0, vty, al)
+                invs, yjs = [], []
+                ls: dict[tuple[int, int], Any] = {}
+                for c in range(4):
+                    lane = ir.Constant(i32, bl + c)
+                    col = builder.add(jv, ir.Constant(it, c))
+                    inv = builder.fdiv(
+                        onev, builder.call(sq, [builder.extract_element(v[c], lane)])
+                    )
+                    builder.store(inv, builder.gep(ip, [col], inbounds=True))
+                    col64 = builder.sext(col, ir.IntType(64)) if it.width < 64 else col
+                    keep = builder.icmp_signed(">", idx0, _splat(builder, col64, i64v))
+                    v[c] = builder.select(keep, builder.fmul(v[c], _splat(builder, inv, vty)), zero)
+                    for d in range(c + 1, 4):
+                        lv = builder.extract_element(v[c], ir.Constant(i32, bl + d))
+                        ls[c, d] = builder.fneg(lv)
+                        v[d] = _fma(builder, _splat(builder, ls[c, d], vty), v[c], v[d])
+                    yj = builder.fmul(builder.extract_element(yv, lane), inv)
+                    yjs.append(builder.fneg(yj))
+                    yv = _fma(builder, _splat(builder, yjs[c], vty), v[c], yv)
+                    yv = builder.insert_element(yv, yj, lane)
+                    invs.append(inv)
+                for c in range(4):
+                    _vstore(builder, v[c], wp, builder.add(rows[c], off0), al)
+                _vstore(builder, yv, yp, off0, al)
+                sinv = [_splat(builder, x, vty) for x in invs]
+                sy = [_splat(builder, x, vty) for x in yjs]
+                sl = {key: _splat(builder, x, vty) for key, x in ls.items()}
+                first = builder.add(c0v, ir.Constant(it, 1))
+                with cgutils.for_range_slice(builder, first, c1v, ir.Constant(it, 1), inc=True) as (
+                    q,
+                    _,
+                ):
+                    off = builder.mul(q, cwc)
+                    u = [_vload(builder, wp, builder.add(rows[c], off), vty, al) for c in range(4)]
+                    yq = _vload(builder, yp, off, vty, al)
+                    for c in range(4):
+                        u[c] = builder.fmul(u[c], sinv[c])
+                        for d in range(c + 1, 4):
+                            u[d] = _fma(builder, sl[c, d], u[c], u[d])
+                        yq = _fma(builder, sy[c], u[c], yq)
+                    for c in range(4):
+                        _vstore(builder, u[c], wp, builder.add(rows[c], off), al)
+                    _vstore(builder, yq, yp, off, al)
+
+            for b in range(CW // 4):
+                with builder.if_then(builder.icmp_signed("==", band, ir.Constant(it, b))):
+                    variant(4 * b)
+            return context.get_dummy_value()
+
+        return types.void(w, stride, j, y, idg, c0, c1, one), codegen
+
+    @intrinsic
     def _dot4(typingctx: Any, w: Any, stride: Any, j: Any, x: Any, c0: Any, c1: Any) -> Any:
         """``(W[j + c, chunks] . x[chunks] for c < 4)`` with ``W[r, i] = w[r stride + i]``."""
 
@@ -504,10 +684,25 @@ else:
             _vscal(d.ptr, s.ptr, b, c0, c1)
 
         @njit(inline="always")
-        def vcopy(d: Any, s: Any, c0: int, c1: int) -> None:
-            _ck(d, c0, c1)
-            _ck(s, c0, c1)
-            _vcopy(d.ptr, s.ptr, c0, c1)
+        def hrow(
+            h: Any,
+            s: Any,
+            w: Any,
+            a: float,
+            b: float,
+            lm: float,
+            c: int,
+            reset: bool,
+            copy: bool,
+            c1: int,
+        ) -> None:
+            _ck(h, 0, c1)
+            _ck(s, 0, c1)
+            if copy:
+                _ck(w, c // CW, c1)
+                if c < 0 or c >= w.n:
+                    raise IndexError("fastweights checked build: diagonal out of the row")
+            _hrow(h.ptr, s.ptr, w.ptr, a, b, lm, c, reset, copy, c1)
 
         @njit(inline="always")
         def vaxpby_read(
@@ -546,7 +741,7 @@ else:
         def _ck(p: Any, c0: int, c1: int) -> None:
             """No check in the fast build."""
 
-        vaxpy, vaxpby, vscal, vcopy = _vaxpy, _vaxpby, _vscal, _vcopy
+        vaxpy, vaxpby, vscal, hrow = _vaxpy, _vaxpby, _vscal, _hrow
         vaxpby_read, vscal_read, vdot, vscalemask = _vaxpby_read, _vscal_read, _vdot, _vscalemask
 
         @njit(inline="always")
@@ -571,6 +766,19 @@ else:
         (``W [1, 1, R, C]``, C-ordered)."""
         _ck_tile(W, j, m0, m1, c0, c1)
         _fold4(_base(W), W.shape[3], j, m0, m1, c0, c1)
+
+    @njit(inline="always")
+    def factor4(W: Any, j: int, y: Any, idg: Any, c0: int, c1: int, one: float) -> None:
+        """Factor columns ``j .. j+3`` of ``W [1, 1, R, C]`` and apply them to ``y`` (row
+        pointers ``y`` and ``idg``; see :func:`_factor4`)."""
+        _ck_tile(W, j, 0, 0, c0, c1)
+        if CHECKED:
+            _ck(y, c0, c1)
+            if j % 4 != 0 or j < c0 * CW or j + 4 > (c0 + 1) * CW or j + 4 > idg.n:
+                raise IndexError("fastweights checked build: factor4 block out of range")
+            _factor4(_base(W), W.shape[3], j, y.ptr, idg.ptr, c0, c1, one)
+        else:
+            _factor4(_base(W), W.shape[3], j, y, idg, c0, c1, one)
 
     @njit(inline="always")
     def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> Any:
@@ -605,15 +813,7 @@ def _update_h(
     bk = row(BK, 0, 0, 0, 0)
     lm = row(LM, 0, 0, 0, 0)
     for c in range(K):
-        hc = row(HT, 0, 0, c, 0)
-        if reset:
-            vscal(hc, bk, ks[c], 0, nk)
-        else:
-            vaxpby(hc, bk, a, ks[c], 0, nk)
-        if copy:
-            wc = row(W, 0, 0, c, 0)
-            vcopy(wc, hc, c // CW, nk)
-            wc[c] += lm[c]
+        hrow(row(HT, 0, 0, c, 0), bk, row(W, 0, 0, c, 0), a, ks[c], lm[c], c, reset, copy, nk)
     if copy:
         zero = one - one
         for c in range(K, W.shape[2]):
@@ -639,19 +839,13 @@ def _cholesky(W: Array, Y: Array, ID: Array, one: float) -> None:
     idg = row(ID, 0, 0, 0, 0)
     for j in range(0, R, 4):
         j0 = j // CW
-        if j > 0:
-            fold4(W, j, 0, j, j0, nk)
-        for c in range(4):
-            col = j + c
-            wj = row(W, 0, 0, col, 0)
-            inv = one / np.sqrt(wj[col])
-            idg[col] = inv
-            vscalemask(wj, inv, col, j0, nk)
-            for d in range(c + 1, 4):
-                vaxpy(row(W, 0, 0, j + d, 0), wj, -wj[j + d], j0, nk)
-            yj = y[col] * inv
-            y[col] = yj
-            vaxpy(y, wj, -yj, j0, nk)
+        if j > 0:  # the previous block's columns; the earlier ones came in the last iteration
+            fold4(W, j, j - 4, j, j0, nk)
+        factor4(W, j, y, idg, j0, nk, one)
+        if j > 0 and j + 4 < R:
+            # The next block's update by every column before this block: independent of the
+            # block just factored, so it overlaps that block's chain of square roots.
+            fold4(W, j + 4, 0, j, (j + 4) // CW, nk)
 
 
 @_pass
