@@ -71,7 +71,11 @@ def _rows_per_token(op: str) -> int:
 
 def flops_per_token(op: str, H: int, K: int, V: int) -> int:
     """FLOPs of the recurrent pass per token: the rule's FLOPs per state element (``6``, or
-    ``8`` for DPLR) times ``K V`` per head and step."""
+    ``8`` for DPLR) times ``K V`` per head and step; ``mesa_net`` (its default solver,
+    ``"exact"``) adds its solve per head, ``K^3/3 + 2 K^2`` (Cholesky and the two triangular
+    solves) and ``4 K^2`` for the update of ``H`` (as ``asv_benchmarks/numba_targets.py``)."""
+    if op == "mesa_net":
+        return (K**3 // 3 + 6 * K * K + 4 * K * V) * H
     return RULES[op].flops * K * V * H * _rows_per_token(op)
 
 
@@ -81,6 +85,8 @@ def _sample(rng: np.random.Generator, arg: Arg, shape: tuple[int, ...]) -> np.nd
         return -rng.uniform(0.01, 0.1, shape).astype(f32)
     if arg.sample == "rate":
         return rng.uniform(0.0, 1.0, shape).astype(f32)
+    if arg.sample == "positive":  # mesa_net's lamb, as the rule description draws it
+        return rng.uniform(0.25, 1.25, shape).astype(f32)
     x = rng.standard_normal(shape, dtype=f32)
     if arg.sample == "small":  # a matrix that maps bounded vectors to bounded vectors
         return x / np.float32(np.sqrt(max(shape[-1], 1)))
@@ -95,7 +101,7 @@ def make_inputs(
     op: str, B: int, T: int, H: int, K: int, V: int, xp: Any = np, seed: int = 0
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Arguments of one float32 call of ``op``, drawn as its description says (unit-norm keys,
-    gates in [-0.1, -0.01], rates in (0, 1)); ``HV = H``."""
+    gates in [-0.1, -0.01], rates in (0, 1), positive arrays in [0.25, 1.25]); ``HV = H``."""
     rule = RULES[op]
     rng = np.random.default_rng(seed)
     n = _rows_per_token(op)
