@@ -73,9 +73,15 @@ def flops_per_token(op: str, H: int, K: int, V: int) -> int:
     """FLOPs of the recurrent pass per token: the rule's FLOPs per state element (``6``, or
     ``8`` for DPLR) times ``K V`` per head and step; ``mesa_net`` (its default solver,
     ``"exact"``) adds its solve per head, ``K^3/3 + 2 K^2`` (Cholesky and the two triangular
-    solves) and ``4 K^2`` for the update of ``H`` (as ``asv_benchmarks/numba_targets.py``)."""
+    solves) and ``4 K^2`` for the update of ``H`` (as ``asv_benchmarks/numba_targets.py``);
+    ``recurrent_delta_rule`` adds its slow net, ``2 (2K + V) V``; ``srwm`` counts its weight
+    ``K (V + 2K + 4)``, read three times and written once per token."""
     if op == "mesa_net":
         return (K**3 // 3 + 6 * K * K + 4 * K * V) * H
+    if op == "recurrent_delta_rule":  # and the slow net, [R_q; R_k; R_v] tanh(o_{t-1})
+        return (6 * K * V + 2 * (2 * K + V) * V) * H
+    if op == "srwm":  # three reads and a write of W [K, V + 2K + 4], two FLOPs per element
+        return 8 * K * (V + 2 * K + 4) * H
     return RULES[op].flops * K * V * H * _rows_per_token(op)
 
 
