@@ -150,6 +150,13 @@ if DISABLE_JIT:
             y[sl] += -yj * A[col, sl]
             y[col] = yj
 
+    def matvec(HT: Any, p: Any, ap: Any, lm: Any, c0: int, c1: int) -> None:
+        """``ap = lm p + sum_c p[c] HT[c, :]`` over chunks ``[c0, c1)`` (``H p`` with ``HT =
+        H^T``, plus the ridge)."""
+        A = HT[0, 0]
+        sl = _sl(c0, c1)
+        ap[sl] = lm[sl] * p[sl] + A[:, sl].T @ p[: A.shape[0]]
+
     def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> tuple[float, float, float, float]:
         """``W[j + c, chunks] . x[chunks]`` for ``c < 4``."""
         sl = _sl(c0, c1)
@@ -627,6 +634,86 @@ else:
         return types.void(w, stride, j, y, idg, c0, c1, one), codegen
 
     @intrinsic
+    def _matvec(
+        typingctx: Any,
+        ht: Any,
+        stride: Any,
+        K: Any,
+        p: Any,
+        ap: Any,
+        lm: Any,
+        c0: Any,
+        c1: Any,
+    ) -> Any:
+        """``ap = lm p + sum_{c < K} p[c] HT[c, :]`` on chunks ``[c0, c1)`` (``HT[c, i] = ht[c
+        stride + i]``): register tiles of up to 4 chunks, 2-4 partial sums over ``c``."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            dt = sig.args[0].dtype
+            ety = context.get_value_type(dt)
+            vty = ir.VectorType(ety, CW)
+            al = context.get_abi_sizeof(ety)
+            hp, pp, app, lp = args[0], args[3], args[4], args[5]
+            intp = types.intp
+            stride = context.cast(builder, args[1], sig.args[1], intp)
+            kv = context.cast(builder, args[2], sig.args[2], intp)
+            c0v = context.cast(builder, args[6], sig.args[6], intp)
+            c1v = context.cast(builder, args[7], sig.args[7], intp)
+            it = stride.type
+            one = ir.Constant(it, 1)
+            cwc = ir.Constant(it, CW)
+
+            def variant(g: Any, nq: int) -> None:
+                sets = 2 if nq >= 3 else 4
+                accs = [[cgutils.alloca_once(builder, vty) for _ in range(nq)] for _ in range(sets)]
+                for st in accs:
+                    for a in st:
+                        builder.store(ir.Constant(vty, None), a)
+                goff = builder.mul(g, cwc)
+
+                def term(c: Any, st: Any) -> None:
+                    base = builder.add(builder.mul(c, stride), goff)
+                    pc = builder.load(builder.gep(pp, [c], inbounds=True), typ=ety)
+                    pv = _splat(builder, pc, vty)
+                    for q in range(nq):
+                        off = builder.add(base, ir.Constant(it, q * CW))
+                        b = _vload(builder, hp, off, vty, al)
+                        builder.store(_fma(builder, pv, b, builder.load(st[q], typ=vty)), st[q])
+
+                per = builder.sdiv(kv, ir.Constant(it, sets))
+                with cgutils.for_range_slice(builder, ir.Constant(it, 0), per, one, inc=True) as (
+                    i,
+                    _,
+                ):
+                    for si in range(sets):
+                        c = builder.add(builder.mul(per, ir.Constant(it, si)), i)
+                        term(c, accs[si])
+                start = builder.mul(per, ir.Constant(it, sets))
+                with cgutils.for_range_slice(builder, start, kv, one, inc=True) as (c, _):
+                    term(c, accs[0])
+                for q in range(nq):
+                    off = builder.add(goff, ir.Constant(it, q * CW))
+                    tot = builder.load(accs[0][q], typ=vty)
+                    for si in range(1, sets):
+                        tot = builder.fadd(tot, builder.load(accs[si][q], typ=vty))
+                    pv = _vload(builder, pp, off, vty, al)
+                    lv = _vload(builder, lp, off, vty, al)
+                    _vstore(builder, _fma(builder, lv, pv, tot), app, off, al)
+
+            four = ir.Constant(it, 4)
+            with cgutils.for_range_slice(builder, c0v, c1v, four, inc=True) as (g, _):
+                left = builder.sub(c1v, g)
+                for nq in (4, 3, 2, 1):
+                    cond = builder.icmp_signed(
+                        ">=" if nq == 4 else "==", left, ir.Constant(left.type, nq)
+                    )
+                    with builder.if_then(cond):  # exactly one runs: groups step by 4
+                        variant(g, nq)
+            return context.get_dummy_value()
+
+        return types.void(ht, stride, K, p, ap, lm, c0, c1), codegen
+
+    @intrinsic
     def _dot4(typingctx: Any, w: Any, stride: Any, j: Any, x: Any, c0: Any, c1: Any) -> Any:
         """``(W[j + c, chunks] . x[chunks] for c < 4)`` with ``W[r, i] = w[r stride + i]``."""
 
@@ -781,6 +868,26 @@ else:
             _factor4(_base(W), W.shape[3], j, y, idg, c0, c1, one)
 
     @njit(inline="always")
+    def matvec(HT: Any, p: Any, ap: Any, lm: Any, c0: int, c1: int) -> None:
+        """``ap = lm p + sum_c p[c] HT[c, :]`` on chunks ``[c0, c1)`` (``HT [1, 1, K, C]``,
+        C-ordered; row pointers ``p``, ``ap``, ``lm``)."""
+        K = HT.shape[2]
+        if CHECKED:
+            ok = c0 >= 0 and (c1 <= c0 or c1 * CW <= HT.shape[3])
+            ok = ok and HT.strides[3] == HT.itemsize
+            ok = ok and HT.strides[2] == HT.shape[3] * HT.itemsize
+            if not ok:
+                raise IndexError("fastweights checked build: matvec out of the matrix")
+            _ck(ap, c0, c1)
+            _ck(lm, c0, c1)
+            _ck(p, c0, c1)
+            if p.n < K:
+                raise IndexError("fastweights checked build: matvec vector too short")
+            _matvec(_base(HT), HT.shape[3], K, p.ptr, ap.ptr, lm.ptr, c0, c1)
+        else:
+            _matvec(_base(HT), HT.shape[3], K, p, ap, lm, c0, c1)
+
+    @njit(inline="always")
     def dot4(W: Any, j: int, x: Any, c0: int, c1: int) -> Any:
         """``W[j + c, chunks] . x[chunks]`` for ``c < 4`` (``x`` a row pointer)."""
         _ck_tile(W, j, 0, 0, c0, c1)
@@ -916,7 +1023,6 @@ def _cg(
     """fla's conjugate gradient for ``(H + Diag(lamb)) x = q~`` into ``X`` (``HT = H^T``);
     ``eps`` is :data:`CG_EPS` in the compute dtype."""
     prefer_512()
-    K = HT.shape[2]
     n = HT.shape[3]
     lm = row(LM, 0, 0, 0, 0)
     qs = row(QS, 0, 0, 0, 0)
@@ -932,10 +1038,7 @@ def _cg(
         p[i] = qs[i]
         rr += qs[i] * qs[i]
     for _ in range(iterations):
-        for i in range(n):
-            ap[i] = lm[i] * p[i]
-        for c in range(K):
-            vaxpy(ap, row(HT, 0, 0, c, 0), p[c], 0, n // CW)
+        matvec(HT, p, ap, lm, 0, n // CW)
         pap = zero
         for i in range(n):
             pap += p[i] * ap[i]
