@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import fastweights
 import fastweights.step
-from fastweights.backends import list_backends
+from fastweights.backends import RULES, list_backends
 from fastweights.testing import Call, assert_close, random_call
-from fastweights.testing._cases import ARG_ORDER, OPS, token_arrays
+from fastweights.testing._cases import OPS, token_arrays
 
 BACKENDS = ("reference", "numba", "cupy")
 NAMES = (*OPS, "linear_attn_normalized")
@@ -143,13 +143,13 @@ def calls(draw: Any, *, step: bool) -> Call:
         batch=1 if packed else draw(st.integers(1, 2)),
         length=1 if step else draw(st.integers(1, 5)),
         heads=draw(st.integers(1, 2)),
-        groups=draw(st.integers(1, 2)),
+        groups=1 if RULES[op].same_heads else draw(st.integers(1, 2)),
         key_dim=draw(st.integers(1, 8)),
         value_dim=draw(st.integers(1, 6)),
         num_householder=draw(st.integers(1, 2)),
         seqlens=seqlens,
         beta_per_value=op != "delta_product" and draw(st.booleans()),
-        use_qk_l2norm=draw(st.booleans()),
+        use_qk_l2norm="use_qk_l2norm" in RULES[op].common and draw(st.booleans()),
         **extra,
     )
 
@@ -226,7 +226,7 @@ def _check_step(backend: str, data: Any) -> None:
     fn = getattr(fastweights.step, call.op)
     inputs = {n: x for n, x in token_arrays(call, 0).items() if x is not None}
     inputs.pop("initial_state", None)
-    N = int(inputs["q"].shape[0])
+    N = int(next(iter(inputs.values())).shape[0])
     P = N + data.draw(st.integers(0, 2), label="spare pool rows")
     rows = np.array(data.draw(st.permutations(range(P)), label="rows")[:N], dtype=np.int64)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="pool seed"))
@@ -244,8 +244,9 @@ def _check_step(backend: str, data: Any) -> None:
     kw = {k: v for k, v in call.kwargs.items() if k != "num_householder"}
 
     def run(arrays: dict[str, Any], state: list[np.ndarray]) -> Any:
-        args = [arrays[n] for n in ARG_ORDER[call.op]]
-        extra = {n: x for n, x in arrays.items() if n not in ARG_ORDER[call.op]}
+        order = RULES[call.op].step_positional
+        args = [arrays[n] for n in order]
+        extra = {n: x for n, x in arrays.items() if n not in order}
         return fn(*args, _like(state, s0), **extra, **kw, backend=backend)
 
     o_want, _ = run(inputs, plain_pool)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from _support import copy_tree, engines, run, step_backends
 
+from fastweights.backends import RULES
 from fastweights.testing import (
     OPS,
     Call,
@@ -17,7 +18,6 @@ from fastweights.testing import (
     random_call,
     relative_rms,
     run_steps,
-    to_numpy,
     tolerance,
 )
 
@@ -60,14 +60,15 @@ def _noncontiguous(call: Call) -> Call:
     """The same values, every array a strided view."""
     a = call.arrays
     out = dict(a)
-    q, k = a["q"], a["k"]
-    if q.shape == k.shape:  # a fused projection [q | k], sliced
-        fused = np.concatenate([q, k], axis=-1)
-        out["q"], out["k"] = fused[..., : q.shape[-1]], fused[..., q.shape[-1] :]
-    else:
-        out["q"] = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
-        out["k"] = np.repeat(k, 2, axis=-1)[..., ::2]
-    out["v"] = np.ascontiguousarray(a["v"].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    if "q" in a:
+        q, k = a["q"], a["k"]
+        if q.shape == k.shape:  # a fused projection [q | k], sliced
+            fused = np.concatenate([q, k], axis=-1)
+            out["q"], out["k"] = fused[..., : q.shape[-1]], fused[..., q.shape[-1] :]
+        else:
+            out["q"] = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+            out["k"] = np.repeat(k, 2, axis=-1)[..., ::2]
+        out["v"] = np.ascontiguousarray(a["v"].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     for name in a:
         if name not in ("q", "k", "v", "beta", "initial_state", "cu_seqlens"):
             out[name] = np.flip(np.flip(a[name], 1).copy(), 1)  # negative strides
@@ -76,6 +77,8 @@ def _noncontiguous(call: Call) -> Call:
     s0 = a.get("initial_state")
     if isinstance(s0, np.ndarray):
         out["initial_state"] = np.asfortranarray(s0)
+    elif isinstance(s0, tuple):
+        out["initial_state"] = tuple(np.asfortranarray(x) for x in s0)
     for name, x in out.items():
         if isinstance(x, np.ndarray) and x.ndim > 1 and name != "cu_seqlens":
             assert not x.flags.c_contiguous, name
@@ -83,14 +86,24 @@ def _noncontiguous(call: Call) -> Call:
 
 
 def _assert_same(x: Any, y: Any, form: str, what: str) -> None:
+    if isinstance(y, tuple):
+        for i, (a, b) in enumerate(zip(x, y, strict=True)):
+            _assert_same(a, b, form, f"{what}[{i}]")
+        return
     err = relative_rms(x, y)
     assert err <= tolerance("float64", form), f"{what}: non-contiguous inputs differ by {err:.3g}"
+
+
+def _groups(op: str) -> int:
+    return 1 if RULES[op].same_heads else 2
 
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
 def test_noncontiguous_inputs_give_the_same_result(op: str, packed: bool) -> None:
-    call = random_call(op, seed=3, groups=2, length=21, seqlens=[5, 0, 16] if packed else None)
+    call = random_call(
+        op, seed=3, groups=_groups(op), length=21, seqlens=[5, 0, 16] if packed else None
+    )
     views = _noncontiguous(call)
     for backend, form in engines(call):
         want = run(call, backend, form, output_final_state=True, chunk_size=8)
@@ -106,13 +119,18 @@ def test_strided_state_pool_is_updated_in_place(op: str) -> None:
     views = _noncontiguous(call)
     s0 = call.arrays["initial_state"]
     want = call.expected()
+    parts = s0 if isinstance(s0, tuple) else (s0,)
+    wants = want[1] if isinstance(s0, tuple) else (want[1],)
     for backend in step_backends(op):
-        big = np.zeros((4, *s0.shape[1:]))
-        pool = big[::2]
-        pool[...] = s0
-        decoded = run_steps(views, pool, backend=backend)
-        assert decoded.state is pool
+        bigs = [np.zeros((4, *x.shape[1:])) for x in parts]
+        pools = tuple(big[::2] for big in bigs)
+        for pool, x in zip(pools, parts, strict=True):
+            pool[...] = x
+        decoded = run_steps(views, pools if len(pools) > 1 else pools[0], backend=backend)
+        got = decoded.state if isinstance(decoded.state, tuple) else (decoded.state,)
+        assert all(g is p for g, p in zip(got, pools, strict=True))
         _assert_same(decoded.o, want[0], "recurrent", f"{backend} o")
-        _assert_same(big[::2], want[1], "recurrent", f"{backend} state")
-        np.testing.assert_array_equal(big[1::2], 0.0)
-        assert to_numpy(decoded.state).dtype == np.float64
+        for big, w in zip(bigs, wants, strict=True):
+            _assert_same(big[::2], w, "recurrent", f"{backend} state")
+            np.testing.assert_array_equal(big[1::2], 0.0)
+            assert big.dtype == np.float64

@@ -26,6 +26,7 @@ from _support import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastweights.backends import RULES, dims_of
 from fastweights.testing import OPS, Call, random_call, run_steps, to_numpy
 
 LENGTHS = (1, 2, 5, 16, 17, 63, 64, 67, 75)
@@ -66,8 +67,8 @@ def calls(
         gates=gates or draw(st.sampled_from(["normal", "zero", "strong", "reset"])),
         beta_per_value=has_beta and draw(st.booleans()),
         normalize=op == "linear_attn" and draw(st.booleans()),
-        use_qk_l2norm=draw(st.booleans()),
-        scale=draw(st.sampled_from([None, 0.5])),
+        use_qk_l2norm="use_qk_l2norm" in RULES[op].common and draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.5])) if "scale" in RULES[op].common else None,
     )
 
 
@@ -84,7 +85,8 @@ def test_every_form_equals_the_naive_oracle(call: Call, chunk_size: int) -> None
 
 @given(call=calls(packed=False), data=st.data())
 def test_streaming_in_pieces_equals_one_call(call: Call, data: st.DataObject) -> None:
-    length = call.arrays["q"].shape[1]
+    length = call.length
+    per_token = {a.name for a in RULES[call.op].arrays if {"T", "R"} & set(dims_of(a.shape))}
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, length - 1)), max_size=3)))
     bounds = [0, *[c for c in cuts if 0 < c < length], length]
     n = call.kwargs.get("num_householder", 1)
@@ -95,7 +97,9 @@ def test_streaming_in_pieces_equals_one_call(call: Call, data: st.DataObject) ->
         for a, b in itertools.pairwise(bounds):
             arrays: dict[str, Any] = {"initial_state": state}
             for name, x in call.arrays.items():
-                if name != "initial_state":
+                if name not in per_token:
+                    arrays.setdefault(name, x)
+                else:
                     rows = n if call.op == "delta_product" and name in ("k", "v", "beta") else 1
                     arrays[name] = x[:, a * rows : b * rows]
             o, state = run(
@@ -113,15 +117,13 @@ def test_decoding_steps_equal_one_call(call: Call, extra: int, seed: int, dtype:
     if call.per_value_beta:
         call = replace(call, arrays={**call.arrays, "beta": call.arrays["beta"][..., 0]})
     rng = np.random.default_rng(seed)
-    batch = call.arrays["q"].shape[0]
+    batch = call.arrays[RULES[call.op].arrays[0].name].shape[0]
     size = batch + extra
     idx = rng.permutation(size)[:batch]
     s0 = call.arrays.get("initial_state")
-    hv, dk, dv = call.arrays["v"].shape[2], call.arrays["q"].shape[3], call.arrays["v"].shape[3]
-    shapes = [(hv, dk, dv), (hv, dk)] if call.kwargs.get("normalize") else [(hv, dk, dv)]
     if s0 is None:
-        s0 = tuple(np.zeros((batch, *s)) for s in shapes)
-        call = replace(call, arrays={**call.arrays, "initial_state": s0 if len(s0) > 1 else s0[0]})
+        s0 = _start(call, batch)
+        call = replace(call, arrays={**call.arrays, "initial_state": s0})
     parts = s0 if isinstance(s0, tuple) else (s0,)
     want = call.cast(np.dtype(dtype)).cast(np.float64).expected()
     cast = call.cast(np.dtype(dtype))
@@ -141,6 +143,17 @@ def test_decoding_steps_equal_one_call(call: Call, extra: int, seed: int, dtype:
         for p, b in zip(pools, before, strict=True):
             assert p.dtype == np.dtype(dtype)
             np.testing.assert_array_equal(np.delete(p, idx, 0), np.delete(b, idx, 0))
+
+
+def _start(call: Call, batch: int) -> Any:
+    """The state a call without ``initial_state`` starts from: zeros, or ``srwm``'s ``W0``."""
+    if call.op == "srwm":
+        return np.repeat(call.arrays["W0"][None], batch, axis=0)
+    q, v = call.arrays["q"], call.arrays["v"]
+    sizes = {"N": batch, "HV": v.shape[2], "K": q.shape[3], "V": v.shape[3]}
+    layout = RULES[call.op].state_layout(normalize=call.kwargs.get("normalize", False))
+    parts = tuple(np.zeros(tuple(sizes[d] for d in dims_of(a.shape))) for a in layout)
+    return parts if len(parts) > 1 else parts[0]
 
 
 # -- reductions between ops (SPEC.md section 1) ----------------------------------------------

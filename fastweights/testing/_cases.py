@@ -261,7 +261,7 @@ def random_call(
     seed : int
         Seed of :func:`numpy.random.default_rng`.
     batch, length, heads, groups, key_dim, value_dim : int
-        ``B, T, H, G (HV = G * H), K, V``.
+        ``B, T, H, G (HV = G * H), K, V``; ``groups`` is 1 for a rule that needs ``HV == H``.
     num_householder : int
         ``n`` of ``delta_product``.
     seqlens : sequence of int, optional
@@ -289,6 +289,8 @@ def random_call(
     rng = np.random.default_rng(seed)
     if seqlens is not None:
         batch, length = 1, int(sum(seqlens))
+    if RULES[op].same_heads:
+        groups = 1
     hv = heads * groups
     n = num_householder if "num_householder" in RULES[op].option_names else 1
     rows = length * n
