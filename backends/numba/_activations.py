@@ -66,23 +66,26 @@ LANES = 16
 def _max(g: Array, n: int, M: Array) -> Any:
     """``max(g[:n])``, in vector code: LLVM vectorises a max reduction only under the no-NaN
     flag, so ``LANES`` running maxima are kept elementwise, then halved. A NaN is skipped or
-    taken (the softmax that uses it is NaN either way)."""
+    taken (the softmax that uses it is NaN either way). (A stepped ``range`` here compiled to
+    slow code: blocks are counted instead.)"""
     for i in range(LANES):
         M[i] = g[0]
-    full = n - n % LANES
-    for m0 in range(0, full, LANES):
+    blocks = n // LANES
+    for c in range(blocks):
+        m0 = c * LANES
         for i in range(LANES):
             y = g[m0 + i]
             M[i] = y if y > M[i] else M[i]
-    for m in range(full, n):
+    for m in range(blocks * LANES, n):
         y = g[m]
         M[0] = y if y > M[0] else M[0]
-    w = LANES // 2
-    while w > 0:
-        for i in range(w):
-            M[i] = M[i + w] if M[i + w] > M[i] else M[i]
-        w //= 2
-    return M[0]
+    for i in range(8):
+        M[i] = M[i + 8] if M[i + 8] > M[i] else M[i]
+    for i in range(4):
+        M[i] = M[i + 4] if M[i + 4] > M[i] else M[i]
+    for i in range(2):
+        M[i] = M[i + 2] if M[i + 2] > M[i] else M[i]
+    return M[1] if M[1] > M[0] else M[0]
 
 
 @jit(nrt=False, noalias=True, reduce=True)
@@ -105,21 +108,22 @@ def softmax_into(
     for m in range(n):
         g[m] = src[m] + add[a0 + m]
     mx = _max(g, n, M)
-    for m in range(n):
-        g[m] = g[m] - mx
     if out.itemsize == 4:
-        _exp_normalise_f32(g, n, out, red)
+        _exp_normalise_f32(g, mx, n, out, red)
     else:
-        _exp_normalise_f64(g, n, out, red)
+        _exp_normalise_f64(g, mx, n, out, red)
 
 
 @jit(inline=True)
-def _exp_normalise_f32(g: Array, n: int, out: Array, red: Array) -> None:
-    """``out[:n] = exp(g) / sum(exp(g))`` in float32 (``g <= 0``); a function of its own so
-    that its variables stay float32 (numba unifies a variable's types across branches)."""
+def _exp_normalise_f32(g: Array, mx: Any, n: int, out: Array, red: Array) -> None:
+    """``out[:n] = exp(g - mx) / sum(exp(g - mx))`` in float32 (``g <= mx``; ``g`` is left
+    holding ``g - mx``); a function of its own so that its variables stay float32 (numba
+    unifies a variable's types across branches)."""
     bits32 = out.view(np.int32)
     for m in range(n):
-        bits32[m], red[m] = _reduce_f32(g[m])
+        y = g[m] - mx
+        g[m] = y
+        bits32[m], red[m] = _reduce_f32(y)
     s = np.float32(0.0)
     for m in range(n):
         e = _poly_f32(red[m]) * out[m]
@@ -132,11 +136,13 @@ def _exp_normalise_f32(g: Array, n: int, out: Array, red: Array) -> None:
 
 
 @jit(inline=True)
-def _exp_normalise_f64(g: Array, n: int, out: Array, red: Array) -> None:
+def _exp_normalise_f64(g: Array, mx: Any, n: int, out: Array, red: Array) -> None:
     """As :func:`_exp_normalise_f32`, in float64."""
     bits64 = out.view(np.int64)
     for m in range(n):
-        bits64[m], red[m] = _reduce_f64(np.float64(g[m]))
+        y = g[m] - mx
+        g[m] = y
+        bits64[m], red[m] = _reduce_f64(np.float64(y))
     s = 0.0
     for m in range(n):
         e = _poly_f64(red[m]) * out[m]
