@@ -99,7 +99,8 @@ def _slow_net(RT: Array, h: int, HB: Array, V: int, Z: Array, A: Array) -> None:
         for i in range(ZB):
             A[i] = 0.0
             A[ZB + i] = 0.0
-        for j in range(0, V - 1, 2):
+        for jj in range(V // 2):  # (a stepped range kept the index checks in the loop)
+            j = 2 * jj
             r0 = row(RT, 0, h, j, c0)
             r1 = row(RT, 0, h, j + 1, c0)
             h0 = HB[j]
