@@ -127,10 +127,17 @@ if DISABLE_JIT:
         i = np.arange(sl.start, sl.stop)
         d[sl] = np.where(i > j, d[sl] * inv, 0.0)
 
-    def fold4(W: Any, j: int, m0: int, m1: int, c0: int, c1: int) -> None:
-        """``W[j + c, chunks] -= sum_m W[m, j + c] W[m, chunks]``, ``c < 4``, ``m0 <= m < m1``."""
+    def fold4(
+        W: Any, j: int, m0: int, m1: int, c0: int, c1: int, HT: Any, lm: Any, init: bool
+    ) -> None:
+        """``W[j + c, chunks] -= sum_m W[m, j + c] W[m, chunks]``, ``c < 4``, ``m0 <= m < m1``;
+        with ``init`` the rows start from ``HT``'s plus ``lm`` on the diagonal."""
         A = W[0, 0]
         sl = _sl(c0, c1)
+        if init:
+            A[j : j + 4, sl] = HT[0, 0, j : j + 4, sl]
+            for c in range(4):
+                A[j + c, j + c] += lm[j + c]
         A[j : j + 4, sl] -= A[m0:m1, j : j + 4].T @ A[m0:m1, sl]
 
     def factor4(W: Any, j: int, y: Any, idg: Any, c0: int, c1: int, one: float) -> None:
@@ -434,26 +441,45 @@ else:
 
     @intrinsic
     def _fold4(
-        typingctx: Any, w: Any, stride: Any, j: Any, m0: Any, m1: Any, c0: Any, c1: Any
+        typingctx: Any,
+        w: Any,
+        stride: Any,
+        j: Any,
+        m0: Any,
+        m1: Any,
+        c0: Any,
+        c1: Any,
+        src: Any,
+        lm: Any,
+        init: Any,
     ) -> Any:
         """``W[j + c, chunks c0..c1] -= sum_{m0 <= m < m1} W[m, j + c] W[m, chunks]``, ``c <
         4``, with ``W[r, i] = w[r stride + i]``: the left-looking update of four columns, a
         register tile of 4 columns x up to 4 chunks (two partial sums over ``m`` when the
-        tile has at most 2 chunks, for enough independent FMAs)."""
+        tile has at most 2 chunks, for enough independent FMAs). With ``init`` the rows start
+        from ``src`` (same layout: ``H^T``) plus ``lm[j + c]`` on the diagonal instead of from
+        ``W``: the matrix is never copied into ``W`` as a whole."""
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             dt = sig.args[0].dtype
             ety = context.get_value_type(dt)
             vty = ir.VectorType(ety, CW)
             al = context.get_abi_sizeof(ety)
-            wp = args[0]
+            wp, sp_, lp = args[0], args[7], args[8]
             ints = [
                 context.cast(builder, a, t, types.intp)
-                for a, t in zip(args[1:], sig.args[1:], strict=True)
+                for a, t in zip(args[1:7], sig.args[1:7], strict=True)
             ]
             stride, jv, m0v, m1v, c0v, c1v = ints
+            initv = context.cast(builder, args[9], sig.args[9], types.boolean)
             one = ir.Constant(stride.type, 1)
             cwc = ir.Constant(stride.type, CW)
+            i64 = ir.IntType(64)
+            i64v = ir.VectorType(i64, CW)
+            lanes = ir.Constant(i64v, list(range(CW)))
+
+            def to64(x: Any) -> Any:
+                return builder.sext(x, i64) if x.type.width < 64 else x
 
             def variant(g: Any, nq: int) -> None:
                 sets = 2 if nq <= 2 else 1
@@ -504,15 +530,25 @@ else:
                 with cgutils.for_range_slice(builder, start, m1v, one, inc=True) as (m, _):
                     term(m, accs[0])
                 for c in range(4):
-                    rbase = builder.mul(builder.add(jv, ir.Constant(stride.type, c)), stride)
+                    col = builder.add(jv, ir.Constant(stride.type, c))
+                    rbase = builder.mul(col, stride)
+                    lc = builder.load(builder.gep(lp, [col], inbounds=True), typ=ety)
+                    diag = _splat(builder, lc, vty)
+                    colv = _splat(builder, to64(col), i64v)
                     for q in range(nq):
-                        off = builder.add(
-                            rbase, builder.add(goff, ir.Constant(stride.type, q * CW))
-                        )
+                        inrow = builder.add(goff, ir.Constant(stride.type, q * CW))
+                        off = builder.add(rbase, inrow)
                         tot = builder.load(accs[0][c][q], typ=vty)
                         if sets == 2:
                             tot = builder.fadd(tot, builder.load(accs[1][c][q], typ=vty))
-                        cur = _vload(builder, wp, off, vty, al)
+                        idx = builder.add(_splat(builder, to64(inrow), i64v), lanes)
+                        first = builder.fadd(
+                            _vload(builder, sp_, off, vty, al),
+                            builder.select(
+                                builder.icmp_signed("==", idx, colv), diag, ir.Constant(vty, None)
+                            ),
+                        )
+                        cur = builder.select(initv, first, _vload(builder, wp, off, vty, al))
                         _vstore(builder, builder.fsub(cur, tot), wp, off, al)
 
             four = ir.Constant(stride.type, 4)
@@ -526,7 +562,7 @@ else:
                         variant(g, nq)
             return context.get_dummy_value()
 
-        return types.void(w, stride, j, m0, m1, c0, c1), codegen
+        return types.void(w, stride, j, m0, m1, c0, c1, src, lm, init), codegen
 
     @intrinsic
     def _factor4(
@@ -848,11 +884,19 @@ else:
                 raise IndexError("fastweights checked build: tile out of the matrix")
 
     @njit(inline="always")
-    def fold4(W: Any, j: int, m0: int, m1: int, c0: int, c1: int) -> None:
+    def fold4(
+        W: Any, j: int, m0: int, m1: int, c0: int, c1: int, HT: Any, lm: Any, init: bool
+    ) -> None:
         """``W[j + c, chunks] -= sum_m W[m, j + c] W[m, chunks]``, ``c < 4``, ``m0 <= m < m1``
-        (``W [1, 1, R, C]``, C-ordered)."""
+        (``W [1, 1, R, C]``, C-ordered); with ``init`` the rows start from ``HT`` (the same
+        shape) plus ``lm`` (a row pointer) on the diagonal (see :func:`_fold4`)."""
         _ck_tile(W, j, m0, m1, c0, c1)
-        _fold4(_base(W), W.shape[3], j, m0, m1, c0, c1)
+        if CHECKED:
+            if HT.shape != W.shape or HT.strides != W.strides or j + 4 > lm.n:
+                raise IndexError("fastweights checked build: fold4 source out of range")
+            _fold4(_base(W), W.shape[3], j, m0, m1, c0, c1, _base(HT), lm.ptr, init)
+        else:
+            _fold4(_base(W), W.shape[3], j, m0, m1, c0, c1, _base(HT), lm, init)
 
     @njit(inline="always")
     def factor4(W: Any, j: int, y: Any, idg: Any, c0: int, c1: int, one: float) -> None:
@@ -898,61 +942,45 @@ else:
 
 
 @_pass
-def _update_h(
-    HT: Array,
-    W: Array,
-    KS: Array,
-    BK: Array,
-    LM: Array,
-    a: float,
-    reset: bool,
-    copy: bool,
-    one: float,
-) -> None:
-    """``HT = a HT + k (beta k)^T`` (``a`` ignored on a reset); with ``copy``, ``W[c, i] =
-    HT[c, i] (+ lamb_c on the diagonal)`` from row ``c``'s own chunk on, and the padding rows
-    ``K <= c < KP`` of ``W`` are rows of the identity (the padded matrix factors as
-    ``[[L, 0], [0, I]]``)."""
+def _update_h(HT: Array, KS: Array, BK: Array, K: int, a: float, reset: bool) -> None:
+    """``HT = a HT + k (beta k)^T`` on its first ``K`` rows (``a`` ignored on a reset); the
+    padding rows ``K <= c < KP`` stay rows of the identity."""
     prefer_512()
-    K = HT.shape[2]
     nk = HT.shape[3] // CW
     ks = row(KS, 0, 0, 0, 0)
     bk = row(BK, 0, 0, 0, 0)
-    lm = row(LM, 0, 0, 0, 0)
     for c in range(K):
-        hrow(row(HT, 0, 0, c, 0), bk, row(W, 0, 0, c, 0), a, ks[c], lm[c], c, reset, copy, nk)
-    if copy:
-        zero = one - one
-        for c in range(K, W.shape[2]):
-            wc = row(W, 0, 0, c, 0)
-            for i in range((c // CW) * CW, nk * CW):
-                wc[i] = zero
-            wc[c] = one
+        hc = row(HT, 0, 0, c, 0)
+        hrow(hc, bk, hc, a, ks[c], a, c, reset, False, nk)
 
 
 @_pass
-def _cholesky(W: Array, Y: Array, ID: Array, one: float) -> None:
-    """``W [KP, KP]``'s rows are the columns of ``A`` (from their diagonal on): factor ``A = L
-    L^T`` in place (row ``j`` of ``W`` becomes column ``j`` of ``L`` below the diagonal, zeros
-    up to and on it; ``ID[j] = 1 / L[j, j]``) and solve ``L y = Y`` in place. ``one`` is 1 in
-    the compute dtype (a float64 literal would promote float32 work).
+def _cholesky(W: Array, HT: Array, LM: Array, Y: Array, ID: Array, one: float) -> None:
+    """Factor ``A = H + Diag(lamb) = L L^T`` (``HT = H^T [KP, KP]``, padded with rows of the
+    identity; ``LM`` = lamb) into ``W [KP, KP]``: row ``j`` of ``W`` becomes column ``j`` of
+    ``L`` below the diagonal, zeros up to and on it; ``ID[j] = 1 / L[j, j]``. Solve ``L y =
+    Y`` in place. ``one`` is 1 in the compute dtype (a float64 literal would promote float32
+    work). The lower triangle of ``A`` by columns is the upper part of ``HT``'s rows.
 
     Left-looking by blocks of 4 columns: one register tile applies every earlier column to the
-    block (:func:`fold4`), then the block's own 4 columns are factored one by one."""
+    block (:func:`fold4`, which also reads the block from ``HT`` on its first touch: no copy of
+    the matrix), then the block's own 4 columns are factored one by one."""
     prefer_512()
     R = W.shape[2]
     nk = W.shape[3] // CW
     y = row(Y, 0, 0, 0, 0)
     idg = row(ID, 0, 0, 0, 0)
+    lm = row(LM, 0, 0, 0, 0)
     for j in range(0, R, 4):
         j0 = j // CW
-        if j > 0:  # the previous block's columns; the earlier ones came in the last iteration
-            fold4(W, j, j - 4, j, j0, nk)
+        # The previous block's columns (the earlier ones came in the last iteration); blocks 0
+        # and 4 are read from HT here, the others by the fold of the last iteration.
+        fold4(W, j, max(j - 4, 0), j, j0, nk, HT, lm, j <= 4)
         factor4(W, j, y, idg, j0, nk, one)
         if j > 0 and j + 4 < R:
             # The next block's update by every column before this block: independent of the
             # block just factored, so it overlaps that block's chain of square roots.
-            fold4(W, j + 4, 0, j, (j + 4) // CW, nk)
+            fold4(W, j + 4, 0, j, (j + 4) // CW, nk, HT, lm, True)
 
 
 @_pass
@@ -1163,7 +1191,7 @@ def _sweep(
     KP = -(-K // CW) * CW
     VP = -(-V // CW) * CW
     # Scratch, carved from one allocation aligned to a cache line: HT, W, GS, then vectors.
-    sizes = (K * KP, KP * KP, K * VP, 11 * KP, 2 * VP)
+    sizes = (KP * KP, KP * KP, K * VP, 11 * KP, 2 * VP)
     line = ALIGN // v.itemsize
     raw = np.zeros(sum(sizes) + line, dt)
     off = 0
@@ -1173,8 +1201,8 @@ def _sweep(
     buf = raw[off : off + sum(sizes)]
     # Every buffer as a 4-d array whose rows ``row(X, 0, 0, i, 0)`` are raw pointers: a
     # pointer index has no negative-index wrap-around, which kept LLVM from vectorising.
-    HT = buf[: K * KP].reshape((1, 1, K, KP))
-    p = K * KP
+    HT = buf[: KP * KP].reshape((1, 1, KP, KP))
+    p = KP * KP
     W = buf[p : p + KP * KP].reshape((1, 1, KP, KP))
     p += KP * KP
     GS = buf[p : p + K * VP].reshape((1, 1, K, VP))
@@ -1192,6 +1220,8 @@ def _sweep(
     one = C[0]
     eps = C[1]
     zero = one - one
+    for c in range(K, KP):  # HT's padding: rows of the identity (lamb is 0 there)
+        row(HT, 0, 0, c, 0)[c] = one
     lr = row(lamb, 0, 0, hv, 0)
     lm = row(LM, 0, 0, 0, 0)
     for i in range(K):
@@ -1213,14 +1243,13 @@ def _sweep(
         gt = row(g, bb, t, hv, 0)[0]
         reset = gt == -np.inf
         a = np.exp(gt)
+        _update_h(HT, KS, BK, K, a, reset)
         if exact:
-            _update_h(HT, W, KS, BK, LM, a, reset, True, one)
             for i in range(KP):
                 y[i] = qs[i]
-            _cholesky(W, Y, ID, one)
+            _cholesky(W, HT, LM, Y, ID, one)
             _backsolve_read(W, ID, Y, X, GS, BK, VS, OS, a, reset, zero)
         else:
-            _update_h(HT, W, KS, BK, LM, a, reset, False, one)
             _cg(HT, LM, QS, X, R, P, AP, iterations, eps)
             _update_g_read(GS, X, BK, VS, OS, a, reset, zero)
         orow = row(o, bb, t, hv, 0)
