@@ -15,24 +15,30 @@ denominators, no early stop (the same in a decoding step). A matrix that is not 
 definite (only with negative ``beta`` or a non-PSD initial ``H``) gives NaN, not an error.
 
 One task per (sequence, value head), run in parallel with ``prange``, longest sequences first.
-A task keeps ``H^T`` (``HT[c, i] = H[i, c]``), a work matrix ``W`` and ``G`` in local buffers
-(42 KiB at K = V = 64 in float32: L1), rows padded to chunks of ``CW = 16`` lanes, and per
-token runs:
+A task keeps ``H^T`` (``HT[c, i] = H[i, c]``, padded to ``KP x KP`` with rows of the identity,
+``KP`` = K rounded up to ``CW = 16`` lanes), a work matrix ``W [KP, KP]`` and ``G`` in local
+buffers (48 KiB at K = V = 64 in float32: L1), and per token runs:
 
-1. ``HT = e^g HT + k (beta k)^T``, fused with copying the part of each row ``c`` from its own
-   chunk on (``A[i, c]``, ``i >= c``: the lower triangle by columns) into ``W`` (+ ``lamb``);
-2. a right-looking Cholesky on ``W``, column by column: scale column ``j`` (entries above the
-   diagonal zeroed, so whole chunks can be used), then the rank-1 update of the trailing
-   columns, each from its own chunk on (``K^3/6`` FMAs in 16-lane vectors; the columns are
-   independent, so the core overlaps consecutive columns' square roots with the updates). The
-   forward solve ``L y = q~`` is the same update applied to one more column;
-3. the backward solve ``L^T x = y`` (one dot product per row, a column of ``L``), fused with
-   the update of ``G``'s row ``j`` and the read ``o += x_j G[j, :]``: the ``G`` work does not
-   depend on ``x`` and fills the latency of the dot products.
+1. ``HT = e^g HT + k (beta k)^T`` (16-lane vectors; ``A = H + Diag(lamb)``'s lower triangle by
+   columns is the upper part of ``HT``'s rows: what :func:`numpy.linalg.cholesky` reads);
+2. a left-looking Cholesky of ``A`` into ``W`` by blocks of 4 columns (row ``j`` of ``W`` =
+   column ``j`` of ``L``): a register tile of 4 columns x up to 4 chunks applies every
+   earlier column to a block, reading the block from ``HT`` (+ ``lamb``) on its first touch
+   (:func:`fold4`, ``K^3/6`` FMAs in all), then the block's 4 columns are factored in
+   registers, the pivots and multipliers taken from lanes of its first chunk
+   (:func:`factor4`, a chain of square roots without trips through memory), with the forward
+   solve ``L y = q~`` applied along. The next block's fold by all earlier columns is issued
+   right after a block's factorisation, which it does not depend on, to overlap its chain;
+3. the backward solve ``L^T x = y`` by blocks of 4 rows from the bottom (4 dot products with
+   the known part of ``x``, then the 4 x 4 triangle), fused with the update of ``G``'s rows
+   and the read ``o = G^T x``.
 
-With ``solver="cg"`` step 1 only updates ``HT`` (``A p = sum_c p_c HT[c, :] + lamb * p``: rows
-of ``HT`` are columns of ``H``, vector FMAs without horizontal sums), and step 3 is the ``G``
-update and read alone.
+The chunk loops are LLVM vector code written as numba intrinsics (numba's own loops over a
+chunk were unrolled, then vectorised across chunks into gathers and scatters); in the checked
+build every chunk range and tile is checked against its array first, without JIT they are
+NumPy. With ``solver="cg"`` step 2 is fla's CG, whose matrix-vector product ``A p = sum_c p_c
+HT[c, :] + lamb p`` is one register-tiled pass over ``HT`` per step (:func:`matvec`), and step
+3 is the ``G`` update and read alone.
 
 A decoding step runs the same kernel with the pools as both the initial and the final states
 (a task reads its rows before it writes them; validation refuses repeated state indices).
