@@ -229,7 +229,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     import fastweights
     import fastweights.step
-    from fastweights.testing import random_call
+    from fastweights.testing import Call, random_call
 
     if args.op not in fastweights.backends.RULES:
         known = ", ".join(sorted(fastweights.backends.RULES))
@@ -239,25 +239,33 @@ def _run_plan(args: argparse.Namespace) -> int:
     call = random_call(
         args.op, batch=B, length=1 if args.step else T, heads=H, key_dim=K, value_dim=V
     ).cast(np.dtype(args.dtype))
-    positional, keywords = call.arguments()
+    rule = fastweights.backends.RULES[args.op]
     try:
         if args.step:
-            n = call.kwargs.get("num_householder", 1)
-            rows = {"k", "v", "beta"} if n > 1 else set()
-            names = fastweights.testing.ARG_ORDER[args.op]
-            token = [
-                x if name in rows else x[:, 0] for name, x in zip(names, positional, strict=True)
-            ]
-            pool = np.zeros((B, H, K, V), dtype=args.dtype)
+            from fastweights._bench import step_pool
+            from fastweights.testing._cases import token_arrays
+
+            token = Call(args.op, token_arrays(call, 0), {})
+            positional, keywords = token.arguments(step=True)
+            pool = step_pool(args.op, B, H, K, V)
+            pool = (
+                tuple(x.astype(args.dtype) for x in pool)
+                if isinstance(pool, tuple)
+                else (pool.astype(args.dtype))
+            )
             keywords = {k: v for k, v in keywords.items() if k in ("scale", "use_qk_l2norm")}
             p = fastweights.plan(
-                getattr(fastweights.step, args.op), *token, pool, **keywords, backend=args.backend
-            )
+                getattr(fastweights.step, args.op), *positional, pool, **keywords,
+                backend=args.backend,
+            )  # fmt: skip
         else:
+            positional, keywords = call.arguments()
             keywords.pop("initial_state", None)
+            if "chunk_size" in rule.common:
+                keywords["chunk_size"] = args.chunk_size
             p = fastweights.plan(
                 getattr(fastweights, args.op), *positional, **keywords, form=args.form,
-                chunk_size=args.chunk_size, backend=args.backend,
+                backend=args.backend,
             )  # fmt: skip
     except (TypeError, ValueError) as exc:
         print(f"plan: {exc}", file=sys.stderr)

@@ -286,13 +286,19 @@ def _tiny_call(op: str, dtype: str, form: str, backend: str) -> None:
     import numpy as np
 
     import fastweights as fw
-    from fastweights._bench import make_inputs, step_inputs
+    from fastweights._bench import make_inputs, step_inputs, step_pool
 
     dt = np.dtype(dtype)
     K = V = 8
     if form == "step":
         args, kwargs = step_inputs(op, 1, 1, K, V)
-        pool = np.zeros((1, 1, K, V), dt if dt.itemsize >= 4 else np.float32)
+        pool_dt = dt if dt.itemsize >= 4 else np.dtype(np.float32)
+        zeros = step_pool(op, 1, 1, K, V)
+        pool = (
+            tuple(x.astype(pool_dt) for x in zeros)
+            if isinstance(zeros, tuple)
+            else zeros.astype(pool_dt)
+        )
         cast = tuple(x.astype(dt) for x in args)
         getattr(fw.step, op)(*cast, pool, **{n: x.astype(dt) for n, x in kwargs.items()},
                              backend=backend)  # fmt: skip

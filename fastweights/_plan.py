@@ -40,9 +40,8 @@ def plan(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Plan:
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     backend = arguments.pop("backend")
-    q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
     if module == "fastweights.step":
-        call = validate_step(name, q, k, v, arguments.pop("state"), **arguments)
+        call = validate_step(name, **arguments)
     else:
-        call = validate(name, q, k, v, **arguments)
+        call = validate(name, **arguments)
     return plan_call(call, backend)
