@@ -258,3 +258,27 @@ def _python_files(folder: object) -> list:  # type: ignore[type-arg]
         elif entry.name.endswith(".py"):
             out.append(entry)
     return out
+
+
+def test_every_package_is_installed() -> None:
+    """A rule family missing from pyproject's package list would be absent from an installed
+    fastweights (the editable install of development would not show it)."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "fastweights").rglob("__init__.py")
+    }
+    found |= {
+        "fastweights.backends"
+        + "".join("." + part for part in p.parent.relative_to(root / "backends").parts)
+        for p in (root / "backends").rglob("__init__.py")
+        if "examples" not in p.parts
+    }
+    assert found <= listed, sorted(found - listed)
