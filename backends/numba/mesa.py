@@ -1233,10 +1233,21 @@ def _sweep(
     for i in range(K):
         lm[i] = lr[i]
     if has_init:
+        if K <= 64:
+            for i in range(K):
+                src = row(h_in, h_in_row, hv, i, 0)
+                for c in range(K):
+                    row(HT, 0, 0, c, 0)[i] = src[c]
+        else:
+            # H^T by 16 x 16 tiles once it no longer fits in L1: the plain transposing loop
+            # took a decoding step at K = 128 from 0.7 to 1.05 ms for 16 heads.
+            for i0 in range(0, K, CW):
+                for c0 in range(0, K, CW):
+                    for i in range(i0, min(i0 + CW, K)):
+                        src = row(h_in, h_in_row, hv, i, 0)
+                        for c in range(c0, min(c0 + CW, K)):
+                            row(HT, 0, 0, c, 0)[i] = src[c]
         for i in range(K):
-            src = row(h_in, h_in_row, hv, i, 0)
-            for c in range(K):
-                row(HT, 0, 0, c, 0)[i] = src[c]
             gsrc = row(g_in, g_in_row, hv, i, 0)
             gi = row(GS, 0, 0, i, 0)
             for j in range(V):
@@ -1263,10 +1274,19 @@ def _sweep(
             orow[j] = os_[j]
     if not write_state:
         return
+    if K <= 64:
+        for i in range(K):
+            dst = row(h_out, h_out_row, hv, i, 0)
+            for c in range(K):
+                dst[c] = row(HT, 0, 0, c, 0)[i]
+    else:  # by tiles, as the initial state
+        for i0 in range(0, K, CW):
+            for c0 in range(0, K, CW):
+                for i in range(i0, min(i0 + CW, K)):
+                    dst = row(h_out, h_out_row, hv, i, 0)
+                    for c in range(c0, min(c0 + CW, K)):
+                        dst[c] = row(HT, 0, 0, c, 0)[i]
     for i in range(K):
-        dst = row(h_out, h_out_row, hv, i, 0)
-        for c in range(K):
-            dst[c] = row(HT, 0, 0, c, 0)[i]
         gdst = row(g_out, g_out_row, hv, i, 0)
         gi = row(GS, 0, 0, i, 0)
         for j in range(V):
