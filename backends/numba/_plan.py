@@ -18,6 +18,28 @@ WORK_PER_ELEMENT = {"dplr": 2}
 (the DPLR pass does five vector operations per element against the delta family's two to
 three)."""
 
+ONE_TASK_PER_HEAD = frozenset({"mesa_net", "recurrent_delta_rule", "srwm"})
+"""Ops whose kernels run one task per (sequence, value head), with no value blocks: a solve
+per token, or a slow net that mixes every value column into the next token's inputs."""
+
+
+def _updates_per_token_head(call: Call) -> int:
+    """Work per token and value head in state-element updates of the delta family's fused
+    pass (6 FLOPs each)."""
+    K, V = call.K, call.V + (1 if call.normalize else 0)
+    if call.op == "mesa_net":
+        if call.options.get("solver", "exact") == "exact":
+            flops = K**3 // 3 + 6 * K * K + 4 * K * V
+        else:
+            its = int(call.options.get("max_cg_iterations", 30))
+            flops = its * (2 * K * K + 10 * K) + 4 * K * K + 4 * K * V
+        return flops // 6
+    if call.op == "recurrent_delta_rule":
+        return (6 * K * V + 2 * (2 * K + V) * V) // 6
+    if call.op == "srwm":
+        return 8 * K * (V + 2 * K + 4) // 6
+    return WORK_PER_ELEMENT.get(call.op, 1) * K * V
+
 
 def _lengths(call: Call) -> tuple[int, int, int]:
     """``(sequences, total tokens, longest sequence)`` of the call."""
@@ -51,9 +73,9 @@ def plan(call: Call) -> dict[str, Any]:
     if out["form"] == "chunk":
         rows = longest * call.num_householder
         out["chunk_size"] = max(1, min(call.chunk_size, MAX_CHUNK, rows))
-    else:
+    elif call.op not in ONE_TASK_PER_HEAD:
         tasks *= -(-V // VB)
     rows = tokens * call.num_householder
-    updates = WORK_PER_ELEMENT.get(call.op, 1) * rows * call.HV * call.K * V
+    updates = _updates_per_token_head(call) * rows * call.HV
     out["threads"] = threads_for(updates, tasks)
     return out

@@ -54,7 +54,8 @@ from numba import prange
 from fastweights.backends import L2NORM_EPS, Call
 
 from ._jit import CHECKED, DISABLE_JIT, address, jit, prefer_512, row
-from ._layout import call_kernel, dummy, launch, sequences, threads_for, unit_last
+from ._layout import call_kernel, dummy, launch, sequences, unit_last
+from ._plan import plan
 
 CW = 16
 """Lanes per chunk: one 512-bit vector of float32 (two of float64)."""
@@ -1349,23 +1350,6 @@ def _rows(x: Any, dt: np.dtype) -> np.ndarray:
     return x if unit_last(x) else np.ascontiguousarray(x)
 
 
-def work(call: Call) -> int:
-    """The call's work in state-element updates of the delta family's pass (6 FLOPs each), for
-    the thread count: per token and value head ``K^3/3 + 6 K^2 + 4 K V`` FLOPs with the exact
-    solver, ``iterations (2 K^2 + 10 K) + 4 K^2 + 4 K V`` with CG."""
-    if call.cu_seqlens is None:
-        tokens = call.B * call.T
-    else:
-        tokens = int(call.cu_seqlens[-1] - call.cu_seqlens[0])
-    K, V = call.K, call.V
-    if call.options.get("solver", "exact") == "exact":
-        flops = K**3 // 3 + 6 * K * K + 4 * K * V
-    else:
-        its = int(call.options.get("max_cg_iterations", 30))
-        flops = its * (2 * K * K + 10 * K) + 4 * K * K + 4 * K * V
-    return tokens * call.HV * flops // 6
-
-
 def _task_list(lengths: np.ndarray, HV: int) -> tuple[np.ndarray, np.ndarray]:
     """(sequence, value head) tasks, longest sequences first."""
     N = lengths.shape[0]
@@ -1391,7 +1375,7 @@ def _launch(
     lamb = _rows(call.lamb, dt)[None, None]
     seq_b, t0, t1 = seq
     ts, th = _task_list(t1 - t0, call.HV)
-    n = threads_for(work(call), int(ts.shape[0]))
+    n = min(int(plan(call)["threads"]), max(1, int(ts.shape[0])))
     o = np.empty((call.B, call.T, call.HV, call.V), dtype=dt)
     solver = call.options.get("solver", "exact")
     iterations = int(call.options.get("max_cg_iterations", 30))
