@@ -200,6 +200,95 @@ def pass_delta_scaled(
         )  # fmt: skip
 
 
+@jit(inline=True)
+def _row_delta2(
+    Sb: Array,
+    x: int,
+    m: int,
+    WO: Array,
+    W: Array,
+    a0: float,
+    a: float,
+    b: float,
+    c: float,
+    b2: float,
+    c2: float,
+    PK: Array,
+    PQ: Array,
+    PK2: Array,
+    PQ2: Array,
+    nw: int,
+    nr: int,
+) -> None:
+    """Row ``m`` of the two-step passes (:func:`pass_delta2`): ``s = S[m] + a0 wo + a w``
+    (with ``nw == 2``; the writes in order, rounded as two passes round them), ``pk += b s``,
+    ``pq += c s`` and, with ``nr == 2``, ``pk2 += b2 s``, ``pq2 += c2 s``. ``nw``, ``nr``
+    are constants at every call (the branches fold)."""
+    for j in range(VB):
+        s = Sb[x, m, j]
+        if nw == 2:
+            s += a0 * WO[j]
+        s += a * W[x, j]
+        Sb[x, m, j] = s
+        PK[j] += b * s
+        PQ[j] += c * s
+        if nr == 2:
+            PK2[j] += b2 * s
+            PQ2[j] += c2 * s
+
+
+@jit(inline=True)
+def pass_delta2(
+    Sb: Array,
+    x: int,
+    WO: Array,
+    W: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    i: int,
+    PK: Array,
+    PQ: Array,
+    PK2: Array,
+    PQ2: Array,
+    PFA: Array,
+    p0: int,
+    p1: int,
+    nw: int,
+    nr: int,
+) -> None:
+    """Up to two delta steps per sweep over block ``x``: the pending writes (``nw == 2``:
+    ``S += KA[i-1] wo^T + KA[i] w^T``; else ``S += KA[i] w^T``), then the reads of step
+    ``i+1``, ``pk, pq = S^T KB[i+1], S^T QB[i+1]``, and with ``nr == 2`` those of step
+    ``i+2`` from the same ``S``, ``pk2, pq2 = S^T KB[i+2], S^T QB[i+2]``: taken before the
+    write of step ``i+1``, which depends on ``pk``, so the caller adds
+    ``(KA[i+1] . KB[i+2]) w1`` and ``(KA[i+1] . QB[i+2]) w1``. One load and one store per
+    state element for two steps, 3 FMAs per element and step as :func:`pass_delta`.
+    The accumulators are four separate 1-D arrays: with rows ``PK[x]`` of a 2-D array LLVM
+    kept them in memory, a store per row. Prefetches ``PFA[p0:p1]`` as :func:`pass_delta`."""
+    prefer_512()
+    for j in range(VB):
+        PK[j] = 0.0
+        PQ[j] = 0.0
+        if nr == 2:
+            PK2[j] = 0.0
+            PQ2[j] = 0.0
+    K = Sb.shape[1]
+    npf = max(0, min(p1 - p0, K))
+    for m in range(K):
+        if m < npf:  # one prefetch in each of the first rows
+            prefetch_at(PFA[p0 + m])
+        a0 = KA[i - 1, m] if nw == 2 else KA[i, m]
+        b2 = KB[i + 2, m] if nr == 2 else KB[i + 1, m]
+        c2 = QB[i + 2, m] if nr == 2 else QB[i + 1, m]
+        _row_delta2(
+            Sb, x, m, WO, W, a0, KA[i, m], KB[i + 1, m], QB[i + 1, m], b2, c2, PK, PQ, PK2,
+            PQ2, nw, nr,
+        )  # fmt: skip
+    for r in range(p0 + npf, p1):
+        prefetch_at(PFA[r])
+
+
 @pass_kernel
 def pass_hebb(
     Sb: Array,
@@ -480,6 +569,146 @@ def chunk_delta_direct(
                 u = bs * (vr[j] - cr * PK[x, j])
                 W[x, j] = cw * u
                 orow[j] = cr * PQ[x, j] + kq * u
+
+
+@jit(inline=True)
+def _delta_out(
+    PK: Array,
+    PQ: Array,
+    v: Array,
+    beta: Array,
+    bs: float,
+    per_value: bool,
+    o: Array,
+    b: int,
+    r: int,
+    hv: int,
+    j0: int,
+    kq: float,
+    cr: float,
+    cw: float,
+    W: Array,
+    x: int,
+) -> None:
+    """The value-sized work of a delta step from its reads ``PK, PQ`` (``VB``): ``u = beta
+    (v - cr pk)``, ``o = cr pq + (k . q~) u`` into ``o[b, r, hv, j0:]``, ``W[x] = cw u``, as
+    :func:`chunk_delta_direct`."""
+    vr = row(v, b, r, hv, j0)
+    orow = row(o, b, r, hv, j0)
+    if per_value:
+        br = row(beta, b, r, hv, j0)
+        for j in range(VB):
+            u = br[j] * (vr[j] - cr * PK[j])
+            W[x, j] = cw * u
+            orow[j] = cr * PQ[j] + kq * u
+    else:
+        for j in range(VB):
+            u = bs * (vr[j] - cr * PK[j])
+            W[x, j] = cw * u
+            orow[j] = cr * PQ[j] + kq * u
+
+
+@pass_kernel
+def chunk_delta2_direct(
+    Sb: Array,
+    x: int,
+    W: Array,
+    PK: Array,
+    PQ: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    RV: Array,
+    RVF: Array,
+    KQ: Array,
+    CW: Array,
+    CR: Array,
+    v: Array,
+    beta: Array,
+    BS: Array,
+    per_value: bool,
+    o: Array,
+    b: int,
+    r0: int,
+    hv: int,
+    j0: int,
+    i0: int,
+    rc: int,
+    PFA: Array,
+    pf0: int,
+    per: int,
+    WO: Array,
+    pk: Array,
+    pq: Array,
+    pk2: Array,
+    pq2: Array,
+    DK: Array,
+    DQ: Array,
+) -> None:
+    """:func:`chunk_delta_direct` with two steps per sweep (:func:`pass_delta2`) where
+    neither they nor the step after them renormalises: the reads of step ``i+1`` are taken
+    before the write of step ``i`` and corrected, ``pk2 += DK[i+2] w``, ``pq2 += DQ[i+2] w``
+    (``DK[r] = KA[r-1] . KB[r]``, ``DQ[r] = KA[r-1] . QB[r]``, ``w``: the write of step
+    ``i``, then pending in ``WO`` beside the write of step ``i+1`` in ``W[x]``). A run of
+    such sweeps starts with one write pending and ends with a sweep that reads one step, one
+    step before the chunk ends, so no chunk ends with two writes pending. ``WO``, ``pk``,
+    ``pq``, ``pk2``, ``pq2``: ``VB`` scratch each, separate arrays (rows of one 2-D array
+    may overlap as far as LLVM knows, and it then keeps no accumulator in a register): the
+    reads of the first and second step of a sweep. ``PK[x]``, ``PQ[x]`` are read for steps
+    before ``i0`` (:func:`pass_load`).
+    """
+    prefer_512()
+    pend = False  # two writes pending: KA[i-1] WO, then KA[i] W[x]
+    i = 0
+    while i < rc:
+        p0, p1 = _lines(PFA, pf0, per, i)
+        if i >= i0 and i + 2 < rc and not (RVF[i + 1] or RVF[i + 2] or RVF[i + 3]):
+            p1 = _lines(PFA, pf0, per, i + 1)[1]
+            if pend:
+                pass_delta2(Sb, x, WO, W, KA, KB, QB, i, pk, pq, pk2, pq2, PFA, p0, p1, 2, 2)
+            else:
+                pass_delta2(Sb, x, WO, W, KA, KB, QB, i, pk, pq, pk2, pq2, PFA, p0, p1, 1, 2)
+            _delta_out(
+                pk, pq, v, beta, BS[i], per_value, o, b, r0 + i, hv, j0, KQ[i + 1], CR[i + 1],
+                CW[i + 1], W, x,
+            )  # fmt: skip
+            # Step i+1: its reads corrected for the write of step i (in W[x]), which then
+            # moves to WO.
+            dk = DK[i + 2]
+            dq = DQ[i + 2]
+            for j in range(VB):
+                w = W[x, j]
+                WO[j] = w
+                pk[j] = pk2[j] + dk * w
+                pq[j] = pq2[j] + dq * w
+            _delta_out(
+                pk, pq, v, beta, BS[i + 1], per_value, o, b, r0 + i + 1, hv, j0, KQ[i + 2],
+                CR[i + 2], CW[i + 2], W, x,
+            )  # fmt: skip
+            pend = True
+            i += 2
+            continue
+        if i < i0:
+            for r in range(p0, p1):
+                prefetch_at(PFA[r])
+            for j in range(VB):
+                pk[j] = PK[x, j]
+                pq[j] = PQ[x, j]
+        elif pend:
+            pass_delta2(Sb, x, WO, W, KA, KB, QB, i, pk, pq, pk2, pq2, PFA, p0, p1, 2, 1)
+        elif RVF[i + 1]:
+            pass_delta_scaled(Sb, x, W, KA, RV, KB, QB, i, PK, PQ, PFA, p0, p1)
+            for j in range(VB):
+                pk[j] = PK[x, j]
+                pq[j] = PQ[x, j]
+        else:
+            pass_delta2(Sb, x, WO, W, KA, KB, QB, i, pk, pq, pk2, pq2, PFA, p0, p1, 1, 1)
+        pend = False
+        _delta_out(
+            pk, pq, v, beta, BS[i], per_value, o, b, r0 + i, hv, j0, KQ[i + 1], CR[i + 1],
+            CW[i + 1], W, x,
+        )  # fmt: skip
+        i += 1
 
 
 @pass_kernel

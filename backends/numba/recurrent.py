@@ -45,6 +45,7 @@ from ._math import (
 from ._passes import (
     VB,
     chunk_delta,
+    chunk_delta2_direct,
     chunk_delta_direct,
     chunk_hebb,
     chunk_hebb_direct,
@@ -212,13 +213,17 @@ def _prepare_gk(
     CR: Array,
     sc: Array,
     tiny_c: float,
+    DK: Array,
+    DQ: Array,
 ) -> None:
     """:func:`_prepare` for tokens ``t .. t+rc-1`` of an op with per-key-row decays, one step
     per token and no l2-normalisation (``gla``, ``kda``): the same values bit for bit, with
     the ``exp`` of the chunk's gates reduced in one loop (``E``, ``RED``: ``[TC, K]``
     scratch) and each step's decay, its renormalisation test and its vectors in one pass over
     the key rows. A step whose running decay falls below ``tiny_c`` (rare) redoes its
-    vectors after the renormalisation."""
+    vectors after the renormalisation. With ``erase``, also ``DK[i] = KA[i-1] . KB[i]`` and
+    ``DQ[i] = KA[i-1] . QB[i]`` for ``i >= 2``: the corrections of the two-step sweeps
+    (:func:`._passes.chunk_delta_direct`)."""
     prefer_512()
     K = KA.shape[1]
     sc[0] = scale
@@ -283,6 +288,14 @@ def _prepare_gk(
                     KB[i, x] = kx * cx
                 QB[i, x] = (qrow[x] * f) * cx
                 KA[i, x] = kx / cx
+        if erase and i >= 2:
+            dk = sc[2]
+            dq = sc[2]
+            for x in range(K):
+                dk += KA[i - 1, x] * KB[i, x]
+                dq += KA[i - 1, x] * QB[i, x]
+            DK[i] = dk
+            DQ[i] = dq
         CR[i] = c[K]
         CW[i] = 1.0 / c[K]
 
@@ -494,7 +507,7 @@ def _sweep(
     rb = t0 * n_sub
     # Scratch, carved from one allocation.
     n1 = TC + 1
-    sizes = (nb * K * VB, 3 * nb * VB, 4 * n1 * K, 3 * n1, 3 * TC * VB, K + TC + 3)
+    sizes = (nb * K * VB, 3 * nb * VB, 4 * n1 * K, 5 * n1, 3 * TC * VB, K + TC + 3)
     buf = np.empty(sum(sizes), dt)
     o0 = sizes[0]
     Sb = buf[:o0].reshape((nb, K, VB))
@@ -511,6 +524,8 @@ def _sweep(
     KQ = buf[o0 : o0 + n1]
     CW = buf[o0 + n1 : o0 + 2 * n1]
     CR = buf[o0 + 2 * n1 : o0 + 3 * n1]
+    DK = buf[o0 + 3 * n1 : o0 + 4 * n1]
+    DQ = buf[o0 + 4 * n1 : o0 + 5 * n1]
     o0 += sizes[3]
     VC = buf[o0 : o0 + TC * VB].reshape((TC, VB))
     BC = buf[o0 + TC * VB : o0 + 2 * TC * VB].reshape((TC, VB))
@@ -519,8 +534,12 @@ def _sweep(
     cd = buf[o0 : o0 + K]
     BS = buf[o0 + K : o0 + K + TC]
     sc = buf[o0 + K + TC : o0 + K + TC + 3]
-    W2 = np.empty(VB, dt)  # the second write and read of a two-step pass (pass_hebb2)
+    # The second write and reads of a two-step pass (pass_hebb2, pass_delta22).
+    W2 = np.empty(VB, dt)
     PQ2 = np.empty(VB, dt)
+    PK1 = np.empty(VB, dt)  # the reads of a two-step pass (chunk_delta2_direct)
+    PQ1 = np.empty(VB, dt)
+    PK2 = np.empty(VB, dt)
     escr = np.empty(TC * K, dt)  # scratch of the per-key-row exp
     red = np.empty(TC * K, dt)
     E2 = escr.reshape((TC, K))
@@ -532,6 +551,10 @@ def _sweep(
     c = np.ones(K + 1, np.float64)
     # Finiteness of the outputs so far: FIN[j] += o * 0 stays 0 while every o is finite.
     FIN = np.zeros(max(c1 - c0, 1), dt)
+    # Per-key-row decays, one step per token: the vectors of a chunk in _prepare_gk, and
+    # kda's steps two per sweep (chunk_delta_direct, with _prepare_gk's DK and DQ).
+    fused_gk = gate_kind == 2 and n_sub == 1 and not l2norm
+    two = fused_gk and erase
     cd[:] = 1.0
     KBv[:] = 0.0
     W[:] = 0.0
@@ -568,10 +591,10 @@ def _sweep(
             )  # fmt: skip
         lines = PFA[:n]
         per = -(-n // (rc * nb))
-        if gate_kind == 2 and n_sub == 1 and not l2norm:
+        if fused_gk:
             _prepare_gk(
                 q, k, gate, b, h, hv, t0 + r0, rc, erase, scale, c, E2, RED2, cd, KA, KBv,
-                QB, RV, RVF, KQ, CW, CR, sc, tiny_c,
+                QB, RV, RVF, KQ, CW, CR, sc, tiny_c, DK, DQ,
             )  # fmt: skip
         else:
             _prepare(
@@ -590,7 +613,13 @@ def _sweep(
             i0 = 1 if r0 == 0 and not (has_init and nv < VB) else 0
             if nv == VB and n_sub == 1:
                 # A full block of an op with one step per token: v in, o out, no copies.
-                if erase:
+                if two:
+                    chunk_delta2_direct(
+                        Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, v, beta, BS,
+                        beta_per_value, o, b, rb + r0, hv, j0, i0, rc, lines, x * rc * per, per,
+                        W2, PK1, PQ1, PK2, PQ2, DK, DQ,
+                    )  # fmt: skip
+                elif erase:
                     chunk_delta_direct(
                         Sb, x, W, PK, PQ, KA, KB, QB, RV, RVF, KQ, CW, CR, v, beta, BS,
                         beta_per_value, o, b, rb + r0, hv, j0, i0, rc, lines, x * rc * per, per,
