@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastweights
-from fastweights.backends import RULES, list_backends
+from fastweights.backends import RULES, dims_of, list_backends
 from fastweights.testing import (
     OPS,
     Call,
@@ -47,6 +47,7 @@ GATE = {
     "delta_product": "g",
     "gla": "gk",
     "kda": "gk",
+    "mesa_net": "g",
 }
 GATED = tuple(GATE)
 
@@ -131,13 +132,14 @@ def _run(engine: Engine, call: Call, chunk_size: int) -> tuple[np.ndarray, Any]:
     xp = None
     if engine.xp == "array_api_strict":
         import array_api_strict as xp
+    chunk = {"chunk_size": chunk_size} if "chunk_size" in RULES[call.op].common else {}
     o, state = call.run(
         getattr(fastweights, call.op),
         xp,
         backend=engine.backend,
         form=engine.form,
-        chunk_size=chunk_size,
         output_final_state=True,
+        **chunk,
     )
     if isinstance(state, tuple):
         return to_numpy(o), tuple(to_numpy(s) for s in state)
@@ -160,7 +162,12 @@ def _leaves(state: Any) -> tuple[np.ndarray, ...]:
 
 
 def _token_inputs(call: Call) -> list[str]:
-    return [a.name for a in RULES[call.op].arrays if a.name in call.arrays]
+    """The inputs with a token axis (not ``lamb``, the recurrent weights ``R_q``, ``W0``)."""
+    return [
+        a.name
+        for a in RULES[call.op].arrays
+        if a.name in call.arrays and {"T", "R"} & set(dims_of(a.shape))
+    ]
 
 
 def _skip_unless_offered(engine: Engine, call: Call) -> None:
@@ -230,17 +237,25 @@ def _reset_case(op: str, data: st.DataObject) -> tuple[Call, Call, int]:
     clean_arrays: dict[str, Any] = {}
     dirty_arrays: dict[str, Any] = {}
     if source == "initial_state":
-        s0 = call.arrays["initial_state"].copy()
-        K = s0.shape[2]
+        s0 = call.arrays["initial_state"]
+        K = _leaves(s0)[0].shape[2]
         channels = data.draw(
             st.lists(st.integers(0, K - 1), min_size=1, max_size=K, unique=True), label="rows"
         )
         if op == "kda":
             t = 0
-        dirty = s0.copy()
-        dirty[:, :, channels, :] = np.nan
-        s0[:, :, channels, :] = 0.0
-        clean_arrays["initial_state"], dirty_arrays["initial_state"] = s0, dirty
+        dirty = tuple(p.copy() for p in _leaves(s0))  # every part of a pair (mesa's H, G)
+        zeroed = tuple(p.copy() for p in _leaves(s0))
+        layout = RULES[op].state_layout()
+        for d, z, part in zip(dirty, zeroed, layout, strict=True):
+            d[:, :, channels, ...] = np.nan
+            z[:, :, channels, ...] = 0.0
+            if part.sample == "gram":  # mesa's H: zero the columns too, so it stays PSD
+                d[..., channels] = np.nan
+                z[..., channels] = 0.0
+        pair = isinstance(s0, tuple)
+        clean_arrays["initial_state"] = zeroed if pair else zeroed[0]
+        dirty_arrays["initial_state"] = dirty if pair else dirty[0]
         if per_channel:
             gate[:, t, :, channels] = -np.inf
         else:

@@ -459,12 +459,16 @@ def _cg(a: np.ndarray, b: np.ndarray, iterations: int) -> np.ndarray:
 def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve ``a x = b`` per leading index for symmetric positive definite ``a``.
 
-    ``a = L L^T`` (raises :class:`numpy.linalg.LinAlgError` when ``a`` is not positive
-    definite), then ``L y = b`` and ``L^T x = y``.
+    ``a = L L^T`` (raises :class:`numpy.linalg.LinAlgError` when ``a`` is finite but not
+    positive definite), then ``L y = b`` and ``L^T x = y``; a matrix with a NaN or Inf gives
+    a NaN solution (non-finite values propagate, they do not raise).
     """
+    finite = np.all(np.isfinite(a), axis=(-2, -1))
+    a = np.where(finite[..., None, None], a, np.eye(a.shape[-1]))  # NaN/Inf: a NaN solution
     low = np.linalg.cholesky(a)
     y = np.linalg.solve(low, b[..., None])
-    return np.linalg.solve(np.swapaxes(low, -1, -2), y)[..., 0]
+    x = np.linalg.solve(np.swapaxes(low, -1, -2), y)[..., 0]
+    return np.where(finite[..., None], x, np.nan)
 
 
 def mesa_net(

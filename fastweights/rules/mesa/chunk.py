@@ -18,7 +18,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from ..chunk import _segment_sums, decay, select_matmul, split_gate
+from ..chunk import _hidden, _segment_sums, decay, select_matmul, split_gate
 from ._layout import Problem
 from .solve import solve
 
@@ -34,21 +34,28 @@ def chunk(p: Problem, chunk_size: int) -> tuple[Any, tuple[Any, Any]]:
         q, k, v = p.q[:, :, c0:c1, :], p.k[:, :, c0:c1, :], p.v[:, :, c0:c1, :]
         gate = split_gate(xp, p.g[:, :, c0:c1, None])
         within = _segment_sums(xp, gate.finite, gate.resets, strict=False)[..., 0]
-        weights = xp.exp(within) * p.beta[:, :, None, c0:c1]  # D_rs beta_s, 0 when hidden
+        # Pairs (r, s) with no term (s > r, or a reset in (s, r]) are selected away, never
+        # multiplied by 0: a NaN or Inf at token s reaches no output before s.
+        hidden = _hidden(xp, gate, q, strict=False)
+        zero = xp.zeros((), dtype=within.dtype, device=device(within))
+        weights = xp.where(hidden, zero, xp.exp(within) * p.beta[:, :, None, c0:c1])
         start = xp.cumulative_sum(gate.finite, axis=-2)  # log c_r, [N, HV, L, 1]
         cut = xp.asarray(-xp.inf, dtype=start.dtype, device=device(start))
         start = xp.where(gate.resets > 0, cut, start)
         outer = xp.reshape(k[..., :, None] * k[..., None, :], (N, HV, L, K * K))
         Hr = decay(xp, H[:, :, None, ...], start[..., None]) + xp.reshape(
-            xp.matmul(weights, outer), (N, HV, L, K, K)
+            select_matmul(xp, weights, hidden, outer), (N, HV, L, K, K)
         )
         x = solve(xp, Hr + p.ridge[None, :, None, ...], q, p.solver, p.iterations)
         carried = select_matmul(xp, decay(xp, x, start), start == -xp.inf, G)
-        scores = xp.matmul(x, xp.matrix_transpose(k)) * weights
-        outputs.append(carried + xp.matmul(scores, v))
+        scores = xp.where(hidden, zero, xp.matmul(x, xp.matrix_transpose(k)) * weights)
+        outputs.append(carried + select_matmul(xp, scores, hidden, v))
         H = Hr[:, :, -1, ...]
         last = weights[:, :, -1, :, None]  # D_{L-1, s} beta_s
-        G = decay(xp, G, start[:, :, -1, :, None]) + xp.matmul(xp.matrix_transpose(k * last), v)
+        written = select_matmul(
+            xp, xp.matrix_transpose(k * last), hidden[:, :, -1:, :], v
+        )  # tokens before a reset write nothing, even NaN
+        G = decay(xp, G, start[:, :, -1, :, None]) + written
     if not outputs:
         V = p.v.shape[-1]
         return xp.zeros((N, HV, 0, V), dtype=G.dtype, device=device(G)), (H, G)
