@@ -84,7 +84,8 @@ def test_lazy_result_equals_the_single_machine_call(op: str) -> None:
     call = random_call(op, seed=3, length=23, groups=2)
     with dask.config.set(scheduler=forbid_compute):
         o, S = run_lazy(call, output_final_state=True)
-    assert isinstance(o, da.Array) and isinstance(S, da.Array)
+    parts = S if isinstance(S, tuple) else (S,)  # a pair state: (S, z), (H, G), (S, o)
+    assert isinstance(o, da.Array) and all(isinstance(x, da.Array) for x in parts)
     assert o.numblocks[:3] == (2, 5, 2)
     assert_same((o, S), single(call, output_final_state=True))
 
@@ -189,6 +190,16 @@ def test_the_gate_sign_is_checked_when_the_graph_computes(op: str, gate: str) ->
     with dask.config.set(scheduler=forbid_compute):
         o, _ = run_lazy(call)  # shapes are checked, values are not read
     with pytest.raises(ValueError, match=rf"\b{gate}\b is a log-decay"):
+        o.compute()
+
+
+def test_a_positive_argument_is_checked_when_the_graph_computes() -> None:
+    call = random_call("mesa_net", seed=14, length=12)
+    lamb = call.arrays["lamb"].copy()
+    lamb[1, 3] = -0.5
+    with dask.config.set(scheduler=forbid_compute):
+        o, _ = run_lazy(_with(call, lamb=lamb))
+    with pytest.raises(ValueError, match=r"\blamb must be positive"):
         o.compute()
 
 
