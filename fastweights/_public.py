@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from .rules._rule import REQUIRED, Rule, parameters_doc
+from .rules._rule import REQUIRED, STATE, Rule, parameters_doc
 
 SEQUENCE_KEYWORDS: tuple[tuple[str, str, Any], ...] = (
     ("scale", "float | None", None),
@@ -55,7 +55,8 @@ def _common_doc(rule: Rule, common: str, *, step: bool) -> str:
     """The entries of ``common`` for the keywords ``rule`` takes, then its Returns section."""
     text = textwrap.dedent(common).strip("\n")
     params, _, returns = text.partition("\nReturns\n")
-    taken = {name for name, _, _ in _signature(rule, step=step)[1]}
+    positional, keywords = _signature(rule, step=step)
+    taken = {*positional, *(name for name, _, _ in keywords)}
     entries: list[list[str]] = []
     for line in params.splitlines():
         if line and not line[0].isspace():
@@ -73,6 +74,15 @@ def _common_doc(rule: Rule, common: str, *, step: bool) -> str:
                 f"    Multiplies the read-out; default {rule.default_scale} for this rule.",
             ]
         kept.extend(entry)
+    if rule.state != STATE:  # a pair, or another shape: the rule's own layout
+        names = ", ".join(a.name for a in rule.state)
+        for rows in ("N", "P"):
+            shapes = ", ".join(f"``[{rows}{a.shape[2:]}``" for a in rule.state)
+            own = f"``({names})``: {shapes}" if len(rule.state) > 1 else shapes
+            kept = [line.replace(f"``[{rows}, HV, K, V]``", own) for line in kept]
+            returns = returns.replace(f"``[{rows}, HV, K, V]``", own)
+    if rule.out != "v":
+        returns = returns.replace("the dtype of ``v``", f"the dtype of ``{rule.out}``")
     return "\n".join([*kept, "", "Returns", *returns.splitlines()])
 
 

@@ -82,6 +82,12 @@ def test_generated_docstrings_list_every_array(name: str, module: object) -> Non
         )
         assert re.search(rf"^{arg.name} : array\n    ``{re.escape(shape)}``", doc, re.M)
     assert "{params}" not in doc and "{common}" not in doc
+    if step:  # the pool, in the rule's own state layout
+        layout = ", ".join(f"[P{a.shape[2:]}" for a in RULES[name].state)
+        assert re.search(r"^state : array\n    The state pool", doc, re.M)
+        assert layout in doc.replace("``", "")
+    for common in RULES[name].common:
+        assert re.search(rf"^{common} : ", doc, re.M) or (step and common != "scale"), common
 
 
 def test_step_shape_drops_tokens() -> None:

@@ -236,9 +236,6 @@ class Rule:
         """The decoding step's positional parameters before ``state``, in order."""
         return tuple(a.name for a in self.arrays if not a.keyword_only and a.step)
 
-    def option(self, name: str) -> Option:
-        return next(o for o in self.options if o.name == name)
-
     @property
     def arg_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args)
