@@ -14,6 +14,7 @@ import pytest
 from _support import FORMS, FakeBackend, implemented_as, run
 
 import fastweights
+from fastweights.backends import OPS as OPS_RULES
 from fastweights.backends import list_backends
 from fastweights.testing import OPS, random_call, to_numpy
 
@@ -31,8 +32,10 @@ def test_reference_is_listed_available_with_every_op_and_form() -> None:
     implemented = {implemented_as(op) for op in OPS}
     assert implemented <= set(ref.ops)
     for op, forms in ref.ops.items():
-        assert "recurrent" in forms and "chunk" in forms, op
-        assert set(forms) <= set(FORMS), op
+        assert forms == OPS_RULES[op].forms, op  # every form the rule has
+        assert "recurrent" in forms and set(forms) <= set(FORMS), op
+    for op in ("recurrent_delta_rule", "srwm"):  # inputs that depend on their own past
+        assert ref.ops[op] == ("recurrent",)
     for op in ("gla", "kda", "delta_product"):
         assert "parallel" not in ref.ops[op]
     assert implemented <= set(ref.step_ops)
