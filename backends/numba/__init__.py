@@ -4,8 +4,9 @@ Every first-wave op, ``dplr`` (with its instances ``iplr`` and ``rwkv7``), ``mes
 ``recurrent_delta_rule`` and ``srwm`` in the recurrent form (one fused pass over an
 L1-resident block of the state per step, parallel over sequences, value heads and, where the
 rule allows, value blocks) and in decoding steps that update the state pool in place; the
-first-wave ops also in the chunk form. It is chosen automatically for NumPy arrays (priority 10) when numba is installed. Nothing is compiled or imported from numba
-until the first call; compiled kernels are cached on disk (numba's ``cache=True``).
+first-wave ops also in the chunk form. It is chosen automatically for NumPy arrays (priority
+10) when numba is installed. Nothing is compiled or imported from numba until the first call;
+compiled kernels are cached on disk (numba's ``cache=True``).
 
 See ``docs/numba.md`` for the design, the settings the speed depends on and measurements.
 """

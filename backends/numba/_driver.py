@@ -6,7 +6,6 @@ Imported on a backend's first call, never when fastweights is imported.
 from __future__ import annotations
 
 import importlib
-
 from typing import Any
 
 import numpy as np
