@@ -55,12 +55,11 @@ not measured at that size)."""
 
 
 def flops(op: str, K: int, V: int, T: int, H: int) -> float:
-    """FLOPs of one prefill call: the rule's FLOPs per state element (6, or 8 for DPLR) times
-    ``K V``, per token and head; ``mesa_net`` counts its solve, ``K^3/3 + 2 K^2`` (Cholesky and
-    the two triangular solves), plus ``4 K^2 + 4 K V`` for the two updates and the read."""
-    if op == "mesa_net":
-        return (K**3 / 3 + 2 * K * K + 4 * K * K + 4 * K * V) * T * H
-    return fastweights.backends.RULES[op].flops * K * V * T * H
+    """FLOPs of one prefill call, from the rule's description: its FLOPs per state element (6,
+    or 8 for DPLR) times ``K V`` per token and head; ``mesa_net`` counts its solve,
+    ``K^3/3 + 2 K^2`` (Cholesky and the two triangular solves), plus ``4 K^2 + 4 K V`` for the
+    two updates and the read."""
+    return fastweights.backends.RULES[op].flops_per_step(K, V) * T * H
 
 
 def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:

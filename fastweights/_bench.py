@@ -70,19 +70,12 @@ def _rows_per_token(op: str) -> int:
 
 
 def flops_per_token(op: str, H: int, K: int, V: int) -> int:
-    """FLOPs of the recurrent pass per token: the rule's FLOPs per state element (``6``, or
-    ``8`` for DPLR) times ``K V`` per head and step; ``mesa_net`` (its default solver,
-    ``"exact"``) adds its solve per head, ``K^3/3 + 2 K^2`` (Cholesky and the two triangular
-    solves) and ``4 K^2`` for the update of ``H`` (as ``asv_benchmarks/numba_targets.py``);
-    ``recurrent_delta_rule`` adds its slow net, ``2 (2K + V) V``; ``srwm`` counts its weight
-    ``K (V + 2K + 4)``, read three times and written once per token."""
-    if op == "mesa_net":
-        return (K**3 // 3 + 6 * K * K + 4 * K * V) * H
-    if op == "recurrent_delta_rule":  # and the slow net, [R_q; R_k; R_v] tanh(o_{t-1})
-        return (6 * K * V + 2 * (2 * K + V) * V) * H
-    if op == "srwm":  # three reads and a write of W [K, V + 2K + 4], two FLOPs per element
-        return 8 * K * (V + 2 * K + 4) * H
-    return RULES[op].flops * K * V * H * _rows_per_token(op)
+    """FLOPs of the recurrent pass per token, from the rule's description
+    (:meth:`~fastweights.backends.Rule.flops_per_step`): ``6 K V`` per head and step for the
+    delta family, ``8 K V`` for DPLR, ``mesa_net``'s solve with its default ``"exact"`` solver
+    (``K^3/3 + 2 K^2``, plus ``4 K^2 + 4 K V`` for the updates and the read),
+    ``recurrent_delta_rule``'s slow net, ``srwm``'s three reads and a write of its weight."""
+    return RULES[op].flops_per_step(K, V) * H * _rows_per_token(op)
 
 
 def _sample(rng: np.random.Generator, arg: Arg, shape: tuple[int, ...]) -> np.ndarray:

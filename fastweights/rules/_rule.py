@@ -200,9 +200,11 @@ class Rule:
     """``HV == H`` is required (no grouped value heads)."""
     min_sizes: Mapping[str, int] = field(default_factory=dict)
     """Least sizes the rule is defined for (a softmax over ``K`` needs ``K >= 1``)."""
-    flops: int = 6
+    flops: int | Callable[[int, int], int] = 6
     """FLOPs per state element and step of the recurrent pass, the least work any form does
-    (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR."""
+    (the benchmarks' effective rate): ``6 K V`` for the delta family, ``8 K V`` for DPLR; or,
+    for a rule whose work is not proportional to ``K V``, a function of ``(K, V)`` giving the
+    FLOPs per step and head (MesaNet's solve)."""
     title: str = ""
     doc: str = ""
     example: str = ""
@@ -243,6 +245,10 @@ class Rule:
     @property
     def log_decays(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args if a.log_decay)
+
+    def flops_per_step(self, K: int, V: int) -> int:
+        """FLOPs per step (row) and head of the recurrent pass (:attr:`flops`)."""
+        return self.flops(K, V) if callable(self.flops) else self.flops * K * V
 
     @property
     def positives(self) -> tuple[str, ...]:

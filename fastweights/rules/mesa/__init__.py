@@ -70,7 +70,7 @@ MESA_NET = Rule(
         Arg("H", "[N, HV, K, K]", "the keys' decayed Gram matrix (fla: ``h_kk``).", sample="gram"),
         Arg("G", "[N, HV, K, V]", "keys times values, decayed (fla: ``h_kv``)."),
     ),
-    flops=4,
+    flops=lambda K, V: K**3 // 3 + 6 * K * K + 4 * K * V,  # solve, H update, G update, read
     title="MesaNet: each output reads a ridge regression of the values on the keys, solved at "
     "every token.",
     doc="""\

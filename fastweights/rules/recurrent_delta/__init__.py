@@ -48,6 +48,7 @@ RECURRENT_DELTA_RULE = Rule(
     default_scale=1.0,
     same_heads=True,
     min_sizes={"K": 1},
+    flops=lambda K, V: 6 * K * V + 2 * (2 * K + V) * V,  # and the slow net [R_q; R_k; R_v] h
     title="The Recurrent DeltaNet: the delta rule whose queries, keys, values and rates also "
     "read its own previous output.",
     doc="""\

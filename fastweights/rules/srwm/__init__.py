@@ -73,6 +73,7 @@ SRWM = Rule(
     out="x",
     sizes=sizes,
     same_heads=True,
+    flops=lambda K, V: 8 * K * (V + 2 * K + 4),  # three reads and a write of W
     title="The self-referential weight matrix: one weight per head computes its own output, "
     "keys, queries and learning rates, and rewrites itself.",
     doc="""\
