@@ -187,6 +187,133 @@ def _prepare(
         RVF[i] = renorm
 
 
+@jit(inline=True)
+def _prepare_gk_rows(
+    q: Array,
+    k: Array,
+    gate: Array,
+    b: int,
+    h: int,
+    hv: int,
+    t: int,
+    rc: int,
+    erase: bool,
+    scale: float,
+    c: Array,
+    E: Array,
+    RED: Array,
+    cd: Array,
+    KA: Array,
+    KB: Array,
+    QB: Array,
+    RV: Array,
+    RVF: Array,
+    KQ: Array,
+    CW: Array,
+    CR: Array,
+    sc: Array,
+    tiny_c: float,
+    DK: Array,
+    DQ: Array,
+    K: int,
+    per_step: bool,
+) -> None:
+    """The body of :func:`_prepare_gk` for ``K`` key rows; ``K`` and ``per_step`` are
+    constants at each call."""
+    sc[0] = scale
+    f = sc[0]
+    # The test c < tiny_c in the compute dtype (a float64 comparison kept the loop at half
+    # width): the smallest value of the dtype >= tiny_c gives the same answer for every c.
+    sc[1] = tiny_c
+    if sc[1] < tiny_c:
+        sc[1] = np.nextafter(sc[1], sc[1] + sc[1])
+    thr = sc[1]
+    # per_step: each step reduces its own gates into row 0 of E, RED (a loop of constant
+    # length: 512 bytes of scratch at K=64 instead of 16 KiB that evicted other rows from L1).
+    # E's integer view only in its dtype's branch: the other view may not exist (odd K).
+    if not per_step:
+        if cd.itemsize == 4:
+            bits32 = E.view(np.int32)
+            for i in range(rc):
+                reduce_rows_f32(row(gate, b, t + i, hv, 0), bits32, RED, i)
+        else:
+            bits64 = E.view(np.int64)
+            for i in range(rc):
+                reduce_rows_f64(row(gate, b, t + i, hv, 0), bits64, RED, i)
+    for i in range(1, rc + 1):
+        krow = row(k, b, t + i - 1, h, 0)
+        qrow = row(q, b, t + i - 1, h, 0)
+        grow = row(gate, b, t + i - 1, hv, 0)
+        o = i - 1
+        if per_step:
+            o = 0
+            if cd.itemsize == 4:
+                reduce_rows_f32(grow, E.view(np.int32), RED, 0)
+            else:
+                reduce_rows_f64(grow, E.view(np.int64), RED, 0)
+        kq = sc[2]
+        for x in range(K):
+            kq += krow[x] * (qrow[x] * f)
+        KQ[i] = kq
+        tiny = False
+        dk = sc[2]
+        dq = sc[2]
+        if cd.itemsize == 4:
+            for x in range(K):
+                cx = decayed_f32(cd[x], grow[x], RED[o, x], E[o, x])
+                cd[x] = cx
+                low = cx < thr
+                tiny |= low
+                kx = krow[x]
+                qx = (qrow[x] * f) * cx
+                QB[i, x] = qx
+                # A step with a low c is redone below; 1 spares its division by 0 or tiny c.
+                KA[i, x] = kx / (np.float32(1.0) if low else cx)
+                if erase:
+                    kb = kx * cx
+                    KB[i, x] = kb
+                    dk += KA[i - 1, x] * kb
+                    dq += KA[i - 1, x] * qx
+        else:
+            for x in range(K):
+                cx = decayed_f64(cd[x], grow[x], RED[o, x], E[o, x])
+                cd[x] = cx
+                low = cx < thr
+                tiny |= low
+                kx = krow[x]
+                qx = (qrow[x] * f) * cx
+                QB[i, x] = qx
+                KA[i, x] = kx / (1.0 if low else cx)
+                if erase:
+                    kb = kx * cx
+                    KB[i, x] = kb
+                    dk += KA[i - 1, x] * kb
+                    dq += KA[i - 1, x] * qx
+        RVF[i] = tiny
+        if tiny:
+            # Renormalise: S~ takes the running decay (RV), which restarts at 1.
+            for x in range(K):
+                RV[i, x] = cd[x]
+                cd[x] = 1.0
+            for x in range(K):
+                cx = cd[x]
+                kx = krow[x]
+                if erase:
+                    KB[i, x] = kx * cx
+                QB[i, x] = (qrow[x] * f) * cx
+                KA[i, x] = kx / cx
+            if erase:
+                dk = sc[2]
+                dq = sc[2]
+                for x in range(K):
+                    dk += KA[i - 1, x] * KB[i, x]
+                    dq += KA[i - 1, x] * QB[i, x]
+        DK[i] = dk  # KA[0]: the last write of the chunk before (0 at the start)
+        DQ[i] = dq
+        CR[i] = c[K]
+        CW[i] = 1.0 / c[K]
+
+
 @jit(nrt=False, reduce=True, noalias=True)
 def _prepare_gk(
     q: Array,
@@ -222,82 +349,23 @@ def _prepare_gk(
     scratch) and each step's decay, its renormalisation test and its vectors in one pass over
     the key rows. A step whose running decay falls below ``tiny_c`` (rare) redoes its
     vectors after the renormalisation. With ``erase``, also ``DK[i] = KA[i-1] . KB[i]`` and
-    ``DQ[i] = KA[i-1] . QB[i]`` for ``i >= 2``: the corrections of the two-step sweeps
+    ``DQ[i] = KA[i-1] . QB[i]``: the corrections of the two-step sweeps
     (:func:`._passes.chunk_delta_direct`)."""
     prefer_512()
     K = KA.shape[1]
-    sc[0] = scale
-    f = sc[0]
-    # The test c < tiny_c in the compute dtype (a float64 comparison kept the loop at half
-    # width): the smallest value of the dtype >= tiny_c gives the same answer for every c.
-    sc[1] = tiny_c
-    if sc[1] < tiny_c:
-        sc[1] = np.nextafter(sc[1], sc[1] + sc[1])
-    thr = sc[1]
-    if cd.itemsize == 4:
-        bits32 = E.view(np.int32)
-        for i in range(rc):
-            reduce_rows_f32(row(gate, b, t + i, hv, 0), bits32, RED, i)
+    # kda at K = 64: K a constant (the loops unroll) and the exp reduced step by step; gla
+    # and other sizes take the general body, unchanged (a constant K may change the order
+    # of the sums of k . q~ and the FMA contraction of the range reduction).
+    if erase and K == 64:
+        _prepare_gk_rows(
+            q, k, gate, b, h, hv, t, rc, erase, scale, c, E, RED, cd, KA, KB, QB, RV, RVF, KQ,
+            CW, CR, sc, tiny_c, DK, DQ, 64, True,
+        )  # fmt: skip
     else:
-        bits64 = E.view(np.int64)
-        for i in range(rc):
-            reduce_rows_f64(row(gate, b, t + i, hv, 0), bits64, RED, i)
-    for i in range(1, rc + 1):
-        krow = row(k, b, t + i - 1, h, 0)
-        qrow = row(q, b, t + i - 1, h, 0)
-        grow = row(gate, b, t + i - 1, hv, 0)
-        o = i - 1
-        kq = sc[2]
-        for x in range(K):
-            kq += krow[x] * (qrow[x] * f)
-        KQ[i] = kq
-        tiny = False
-        if cd.itemsize == 4:
-            for x in range(K):
-                cx = decayed_f32(cd[x], grow[x], RED[o, x], E[o, x])
-                cd[x] = cx
-                low = cx < thr
-                tiny |= low
-                kx = krow[x]
-                if erase:
-                    KB[i, x] = kx * cx
-                QB[i, x] = (qrow[x] * f) * cx
-                # A step with a low c is redone below; 1 spares its division by 0 or tiny c.
-                KA[i, x] = kx / (np.float32(1.0) if low else cx)
-        else:
-            for x in range(K):
-                cx = decayed_f64(cd[x], grow[x], RED[o, x], E[o, x])
-                cd[x] = cx
-                low = cx < thr
-                tiny |= low
-                kx = krow[x]
-                if erase:
-                    KB[i, x] = kx * cx
-                QB[i, x] = (qrow[x] * f) * cx
-                KA[i, x] = kx / (1.0 if low else cx)
-        RVF[i] = tiny
-        if tiny:
-            # Renormalise: S~ takes the running decay (RV), which restarts at 1.
-            for x in range(K):
-                RV[i, x] = cd[x]
-                cd[x] = 1.0
-            for x in range(K):
-                cx = cd[x]
-                kx = krow[x]
-                if erase:
-                    KB[i, x] = kx * cx
-                QB[i, x] = (qrow[x] * f) * cx
-                KA[i, x] = kx / cx
-        if erase and i >= 2:
-            dk = sc[2]
-            dq = sc[2]
-            for x in range(K):
-                dk += KA[i - 1, x] * KB[i, x]
-                dq += KA[i - 1, x] * QB[i, x]
-            DK[i] = dk
-            DQ[i] = dq
-        CR[i] = c[K]
-        CW[i] = 1.0 / c[K]
+        _prepare_gk_rows(
+            q, k, gate, b, h, hv, t, rc, erase, scale, c, E, RED, cd, KA, KB, QB, RV, RVF, KQ,
+            CW, CR, sc, tiny_c, DK, DQ, K, False,
+        )  # fmt: skip
 
 
 @jit(nrt=False)
@@ -457,6 +525,14 @@ def _prefetch_lines(
     return n
 
 
+@jit(nrt=False, noalias=True)
+def _advance_lines(PFA: Array, PADV: Array, n: int) -> None:
+    """``PFA[:n] += PADV[:n]``: the prefetch list of the next chunk (see :func:`_sweep`)."""
+    prefer_512()
+    for x in range(n):
+        PFA[x] += PADV[x]
+
+
 @jit()
 def _sweep(
     q: Array,
@@ -580,15 +656,34 @@ def _sweep(
     )  # fmt: skip
     for x in range(n):
         prefetch_at(PFA[x])
+    # One step per token and three chunks or more: the list of a chunk's lines is the
+    # previous chunk's plus a fixed advance per line (PADV, from the lists of chunks 1 and
+    # 2), a vector addition instead of a new list (_prefetch_lines took about 18 ns per token
+    # at K=V=64). A shorter last chunk lists a prefix: its tokens, in the same order.
+    adv = n_sub == 1 and R >= 3 * TC
+    PADV = np.empty(PFA.shape[0] if adv else 0, np.int64)
+    nfull = 0
+    if adv:
+        nfull = _prefetch_lines(
+            q, k, v, gate, beta, o, b, h, hv, t0, rb, 2 * TC, TC, n_sub, c0, c1, PADV
+        )  # fmt: skip
+        _prefetch_lines(q, k, v, gate, beta, o, b, h, hv, t0, rb, TC, TC, n_sub, c0, c1, PFA)
+        for x in range(nfull):
+            PADV[x] -= PFA[x]
     for r0 in range(0, R, TC):
         rc = min(TC, R - r0)
         # The passes of this chunk prefetch the next one's lines, `per` at each pass.
         n = 0
         if r0 + TC < R:
-            n = _prefetch_lines(
-                q, k, v, gate, beta, o, b, h, hv, t0, rb, r0 + TC, min(TC, R - r0 - TC), n_sub,
-                c0, c1, PFA,
-            )  # fmt: skip
+            if adv:
+                if r0 > 0:
+                    _advance_lines(PFA, PADV, nfull)
+                n = min(TC, R - r0 - TC) * (nfull // TC)
+            else:
+                n = _prefetch_lines(
+                    q, k, v, gate, beta, o, b, h, hv, t0, rb, r0 + TC, min(TC, R - r0 - TC),
+                    n_sub, c0, c1, PFA,
+                )  # fmt: skip
         lines = PFA[:n]
         per = -(-n // (rc * nb))
         if fused_gk:
