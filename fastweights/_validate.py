@@ -342,7 +342,7 @@ def _value_checked_block(name: str, positive: bool, block: Any) -> Any:
     return block
 
 
-def _check_gate_signs(rule: Rule, named: dict[str, Any], xp: ModuleType) -> None:
+def _check_values(rule: Rule, named: dict[str, Any], xp: ModuleType) -> None:
     """The sign of each log-decay of ``rule`` in ``named``, and that each argument that must
     be positive is. A Dask array is not computed: it is replaced by a lazy copy that checks
     each block as the graph computes it (API.md)."""
@@ -697,7 +697,7 @@ def validate(
     if form != "auto" and form not in rule.forms:
         reason = rule.no_form.get(form, f"{rule.name} has no {form} form")
         raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
-    _check_gate_signs(rule, named, xp)
+    _check_values(rule, named, xp)
     parent, arrays = _to_parent(rule, xp, named)
     call = Call(
         op=parent.name,
@@ -849,7 +849,7 @@ def validate_step(
             )
         if np.unique(idx).size != idx.size:
             raise ValueError("state_indices must be distinct: two rows would update one state")
-    _check_gate_signs(rule, named, xp)
+    _check_values(rule, named, xp)
     # An input that is a view of the pool would change under the kernel's writes: read it first.
     pools = tuple(states.values())
     for name, x in named.items():

@@ -120,9 +120,11 @@ def test_read_only_pool_is_refused_before_any_write(name, kind, backend, tmp_pat
 # --- aliasing (item 3) --------------------------------------------------------------------
 
 
+# Not the primer's rules: their numba and reference steps read every input of the token before
+# writing the pool, so such a test of them passes even without validation's copy (checked by
+# disabling _unaliased): it could not fail.
 @pytest.mark.parametrize("name", [n for n in STEP_OPS if n not in PRIMER])
 def test_step_inputs_that_view_the_pool_are_read_first(name, backend):
-    # The primer's rules (their own arguments, pair states) have theirs in test_primer_rules.
     """Every input a view of rows the step updates: the result of reading them first."""
     if implemented_as(_op(name)[0]) not in get_backend(backend).step_ops:
         pytest.skip(f"{backend} does not decode {name}")

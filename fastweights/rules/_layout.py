@@ -46,6 +46,17 @@ def _pad(xp: ModuleType, x: Any, idx: np.ndarray, device: Any) -> Any:
     return xp.reshape(flat, (*idx.shape, *rows.shape[1:]))
 
 
+def tokens_first(xp: ModuleType, o: Any, cu_seqlens: Any, t_max: int, dev: Any) -> Any:
+    """A form's head-major output ``[N, HV, T', V]`` back in the caller's layout: ``[B, T, HV,
+    V]``, or ``[1, T, HV, V]`` with the padding of packed sequences (``cu_seqlens``) dropped."""
+    o = xp.permute_dims(o, (0, 2, 1, 3))
+    if cu_seqlens is None:
+        return o
+    flat = xp.reshape(o, (-1, *o.shape[2:]))
+    unpack = xp.asarray(_unpack_index(cu_seqlens, t_max), device=dev)
+    return xp.take(flat, unpack, axis=0)[None, ...]
+
+
 def _heads_first(xp: ModuleType, x: Any) -> Any:
     """``[N, R, HV, ...]`` -> ``[N, HV, R, ...]``."""
     axes = (0, 2, 1, *range(3, x.ndim))

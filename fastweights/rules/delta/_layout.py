@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..._constants import NORMALIZE_EPS
-from .._layout import _heads_first, _pad, _pad_index, _unpack_index, l2norm
+from .._layout import _heads_first, _pad, _pad_index, l2norm, tokens_first
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -85,11 +85,7 @@ def prepare(call: Call) -> tuple[Problem, Any]:
     def finish(o: Any, final: Any) -> tuple[Any, Any]:
         if n > 1 or call.op == "delta_product":
             o = o[:, :, n - 1 :: n, :]
-        o = xp.permute_dims(o, (0, 2, 1, 3))  # [N, T', HV, V']
-        if call.cu_seqlens is not None:
-            flat = xp.reshape(o, (-1, *o.shape[2:]))
-            unpack = xp.asarray(_unpack_index(call.cu_seqlens, t_max), device=dev)
-            o = xp.take(flat, unpack, axis=0)[None, ...]
+        o = tokens_first(xp, o, call.cu_seqlens, t_max, dev)
         if call.normalize:
             o = o[..., :-1] / (o[..., -1:] + NORMALIZE_EPS)
         o = xp.astype(o, call.v.dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .._layout import _heads_first, _pad, _pad_index, _unpack_index, l2norm
+from .._layout import _heads_first, _pad, _pad_index, l2norm, tokens_first
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -64,11 +64,7 @@ def prepare(call: Call) -> tuple[Problem, Any]:
     solver, iterations = call.options["solver"], call.options["max_cg_iterations"]
 
     def finish(o: Any, final: Any) -> tuple[Any, Any]:
-        o = xp.permute_dims(o, (0, 2, 1, 3))  # [N, T', HV, V]
-        if call.cu_seqlens is not None:
-            flat = xp.reshape(o, (-1, *o.shape[2:]))
-            unpack = xp.asarray(_unpack_index(call.cu_seqlens, t_max), device=dev)
-            o = xp.take(flat, unpack, axis=0)[None, ...]
+        o = tokens_first(xp, o, call.cu_seqlens, t_max, dev)
         o = xp.astype(o, call.v.dtype)
         return o, (tuple(final) if call.output_final_state else None)
 

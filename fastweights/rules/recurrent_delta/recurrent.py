@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from array_api_compat import device
 
 from .._activations import sigmoid, softmax
-from .._layout import _heads_first, _pad, _pad_index, _unpack_index
+from .._layout import _heads_first, _pad, _pad_index, tokens_first
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -60,11 +60,7 @@ def prepare(call: Call) -> tuple[Problem, Any]:
         S, last = (xp.astype(x, dt) for x in call.initial_state)
 
     def finish(o: Any, final: Any) -> tuple[Any, Any]:
-        o = xp.permute_dims(o, (0, 2, 1, 3))  # [N, T', H, V]
-        if call.cu_seqlens is not None:
-            flat = xp.reshape(o, (-1, *o.shape[2:]))
-            unpack = xp.asarray(_unpack_index(call.cu_seqlens, t_max), device=dev)
-            o = xp.take(flat, unpack, axis=0)[None, ...]
+        o = tokens_first(xp, o, call.cu_seqlens, t_max, dev)
         return xp.astype(o, call.v.dtype), (tuple(final) if call.output_final_state else None)
 
     problem = Problem(xp, q, k, v, beta, R_q, R_k, R_v, r_beta, S, last, call.scale, valid)
