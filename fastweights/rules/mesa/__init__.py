@@ -127,8 +127,9 @@ def auto_form(call: Call) -> tuple[str, str]:
 
     Both forms solve one ``K x K`` system per token; the chunk form saves the per-token Python
     loop but forms every token's ``H_t`` with matrix products. Measured on NumPy (float32,
-    B=1, H=4, one thread, 2-vCPU Xeon VM): chunk 1.3-2.2x faster at K=V=16 and 32, recurrent
-    1.06-1.3x faster at K=V=64 and 128, where the solves dominate (docs/forms.md).
+    B=1, H=4, one thread, 2-vCPU Xeon VM): chunk 1.1-2.0x faster at K=V=16 and 32, the two
+    even at K=V=64, recurrent 1.16x faster at K=V=128, where the solves dominate
+    (docs/forms.md).
     """
     if call.T <= 1:
         return "recurrent", "one step"
