@@ -20,6 +20,8 @@ from numba import typeof
 
 from fastweights.backends import Call
 
+from ._blas import RELEASE_ENV, blas_libraries, release_blas_threads
+from ._blas import policy as blas_release_policy
 from ._jit import DISABLE_JIT, compiling
 from ._passes import VB
 
@@ -133,6 +135,7 @@ class launch:
     Both settings are numba's thread-local ones, restored afterwards, so concurrent callers do
     not see each other's. Under the ``workqueue`` layer, which aborts the process when two
     threads launch at once, launches are serialised; ``omp`` and ``tbb`` run them concurrently.
+    A launch on more than one thread first stops OpenBLAS's spinning workers (see ``_blas``).
     A class rather than a generator: it runs on every decoding step (about 3 us, not 25).
     """
 
@@ -145,6 +148,8 @@ class launch:
     def __enter__(self) -> None:
         if DISABLE_JIT:
             return
+        if self._threads > 1:
+            release_blas_threads()
         if not launch._api:
             from numba.np.ufunc import parallel
 
@@ -208,12 +213,27 @@ def threading_info() -> dict[str, str]:
         wait = "OpenMP default"
     if layer != "omp" and not layer.startswith("unavailable"):
         wait += " (applies to the omp layer only)"
-    return {
+    info = {
         "threading layer": layer,
         "threads": f"{get_num_threads()} (NUMBA_NUM_THREADS="
         f"{getattr(config, 'NUMBA_NUM_THREADS', '?')}); "
         f"fewer for small calls, one per {MIN_WORK_PER_THREAD} state updates",
         "wait policy": wait,
+    }
+    try:
+        release = blas_release_policy()
+    except ValueError as exc:
+        return {**info, "BLAS threads": str(exc)}
+    what = {
+        "auto": "stopped before a multi-threaded kernel while no other Python thread runs",
+        "always": "stopped before every multi-threaded kernel",
+        "never": "left spinning",
+    }[release]
+    pools = blas_libraries()
+    found = f"{pools} OpenBLAS pthreads pool{'' if pools == 1 else 's'} found"
+    return {
+        **info,
+        "BLAS threads": f"{RELEASE_ENV}={release}: OpenBLAS's idle workers {what} ({found})",
     }
 
 

@@ -193,5 +193,5 @@ def test_info_shows_threading_layer_threads_and_wait_policy() -> None:
     out = io.StringIO()
     run_info(out)
     text = out.getvalue()
-    for label in ("threading layer", "threads", "wait policy"):
+    for label in ("threading layer", "threads", "wait policy", "BLAS threads"):
         assert f"\n  {label}" in text
