@@ -150,16 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="effective FLOP rate of each op and backend against this machine's limits",
+        help="each op's rate per backend, median and spread, against this machine's limits",
         description=(
-            "Time the main ops through every available backend (form='auto', B=1, float32) "
-            "and read the rates against the measured matmul rate, copy bandwidth and a "
-            "per-token NumPy loop."
+            "Time ops through backends (form='auto', float32): one untimed first call, then "
+            "--repeats calls, reported as median and min-max beside the machine's float32 "
+            "matmul rate (measured with BLAS's threads idle), its copy bandwidth and a "
+            "per-token NumPy loop, with the CPU model, BLAS, the environment variables that "
+            "change the figures and the load average before and after. One progress line "
+            "per measurement goes to stderr."
         ),
     )
-    bench.add_argument("--length", type=int, default=2048, help="tokens T (default 2048)")
-    bench.add_argument("--heads", type=int, default=4, help="heads H (default 4)")
-    bench.add_argument("--dim", type=int, default=128, help="K = V (default 128)")
+    bench.add_argument(
+        "--ops", nargs="+", metavar="OP", help="ops, space- or comma-separated (default every op)"
+    )
+    bench.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="NAME",
+        help="backends, space- or comma-separated (default every available backend)",
+    )
+    bench.add_argument(
+        "--shapes",
+        nargs="+",
+        type=_plan_size,
+        metavar="B,T,H,K[,V]",
+        help="problem sizes, V = K unless given (default 1,2048,4,128)",
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per measurement (default 5)"
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    bench.add_argument(
+        "--plot", metavar="FILE", help="also draw the rates (needs matplotlib: the plot extra)"
+    )
+    bench.add_argument("--length", type=int, help="tokens T of the one shape (default 2048)")
+    bench.add_argument("--heads", type=int, help="heads H of the one shape (default 4)")
+    bench.add_argument("--dim", type=int, help="K = V of the one shape (default 128)")
     sub.add_parser(
         "gpu-check",
         help="on a machine with an NVIDIA GPU: the gpu tests and GPU timings, with the card",
@@ -281,6 +307,56 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(values: Sequence[str] | None) -> list[str] | None:
+    """``["a,b", "c"]`` as ``["a", "b", "c"]``."""
+    if values is None:
+        return None
+    return [n for v in values for n in v.split(",") if n]
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from fastweights import _bench
+    from fastweights.backends import list_backends
+
+    def fail(message: str) -> int:
+        print(f"bench: {message}", file=sys.stderr)
+        return 2
+
+    ops = _names(args.ops) or list(_bench.OPS)
+    unknown = [op for op in ops if op not in _bench.OPS]
+    if unknown:
+        return fail(f"unknown op {unknown[0]!r} in --ops; known ops: {', '.join(_bench.OPS)}")
+    registered = [b.name for b in list_backends()]
+    backends = _names(args.backends)
+    for name in backends or ():
+        if name not in registered:
+            return fail(f"unknown backend {name!r} in --backends; known: {', '.join(registered)}")
+    one = (args.length, args.heads, args.dim)
+    if args.shapes is not None and any(x is not None for x in one):
+        return fail("give either --shapes or --length/--heads/--dim, not both")
+    if any(x is not None and x < 1 for x in one):
+        return fail("--length, --heads and --dim must be at least 1")
+    length, heads, dim = (d if x is None else x for x, d in zip(one, (2048, 4, 128), strict=True))
+    shapes = args.shapes or [(1, length, heads, dim, dim)]
+    if args.repeats < 1:
+        return fail(f"--repeats must be at least 1, got {args.repeats}")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None and not os.path.isdir(folder):
+            return fail(f"{option} {path}: the folder {folder} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return fail(
+                "--plot needs matplotlib, which is not installed: pip install matplotlib "
+                '(or pip install ".[plot]" in a checkout of the repository)'
+            )
+    return _bench.main(ops, backends, shapes, args.repeats, args.json, args.plot)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -339,12 +415,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         )
         return 0
     if args.command == "bench":
-        from fastweights._bench import main as bench_main
-
-        if min(args.length, args.heads, args.dim) < 1:
-            print("--length, --heads and --dim must be at least 1", file=sys.stderr)
-            return 2
-        return bench_main(T=args.length, H=args.heads, D=args.dim)
+        return _run_bench(args)
     if args.command == "gpu-check":
         from fastweights.backends.cupy._gpu_check import main as gpu_check
 

@@ -8,6 +8,8 @@ bandwidth measured in the same run, and against a plain per-token NumPy loop.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -193,75 +195,570 @@ def copy_gbs(xp: Any = np, nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / best_time(copy, xp, repeat=5) / 1e9
 
 
+# --- python -m fastweights bench -------------------------------------------------------------
+
+BLAS_SPIN = 0.25
+"""Seconds of idle before each measurement: OpenBLAS's threads keep spinning for 50-200 ms
+after a matmul (measured on the development machine, docs/numba.md), and a kernel started
+meanwhile shares its cores with them."""
+
+ENV_VARS = (
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "FASTWEIGHTS_BACKEND",
+)
+"""Environment variables that change the figures; the report shows those that are set."""
+
+SCHEMA = "fastweights-bench/1"
+"""The ``schema`` field of ``--json`` output; bumped when a field changes meaning."""
+
+Shape = tuple[int, int, int, int, int]
+"""``(B, T, H, K, V)``."""
+
+
+def timings(fn: Callable[[], Any], xp: Any = np, repeat: int = 5) -> list[float]:
+    """Wall times in seconds of ``repeat`` consecutive calls, device work included."""
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(xp)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median and spread of repeated measurements of one quantity."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Spread:
+        """The statistics of ``samples`` (at least one value)."""
+        a = np.asarray(samples, dtype=float)
+        q1, med, q3 = np.percentile(a, [25, 50, 75])
+        return cls(float(med), float(a.min()), float(a.max()), float(q1), float(q3), tuple(samples))
+
+    def rate(self, work: float) -> Spread:
+        """``work`` per unit of these times: the median rate, and the slowest and fastest."""
+        return Spread.of([work / s for s in self.samples])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "q1": self.q1,
+            "q3": self.q3,
+            "samples": list(self.samples),
+        }
+
+
+def matmul_rates(xp: Any = np, n: int = 2048, repeat: int = 5, pause: float = BLAS_SPIN) -> Spread:
+    """float32 ``n x n @ n x n`` rates in GFLOP/s over all BLAS threads: one warm-up call, a
+    pause of ``pause`` seconds (the BLAS threads go idle, and nothing else of this process
+    runs), then ``repeat`` timed calls; then the same pause, so that the next measurement does
+    not share the cores with spinning BLAS threads."""
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    b = xp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
+    xp.matmul(a, b)
+    synchronize(xp)
+    time.sleep(pause)
+    seconds = Spread.of(timings(lambda: xp.matmul(a, b), xp, repeat))
+    time.sleep(pause)
+    return seconds.rate(2 * n**3 / 1e9)
+
+
+def copy_rates(xp: Any = np, nbytes: int = 256 * 2**20, repeat: int = 5) -> Spread:
+    """Memory copy bandwidth, bytes read plus bytes written, GB/s, after one warm-up copy."""
+    src = xp.ones(nbytes // 4, dtype=xp.float32)
+    dst = xp.empty_like(src)
+
+    def copy() -> None:
+        dst[...] = src
+
+    copy()
+    return Spread.of(timings(copy, xp, repeat)).rate(2 * nbytes / 1e9)
+
+
+def cpu_model() -> str:
+    """The CPU's model name: ``/proc/cpuinfo``, else ``lscpu``, else :mod:`platform`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "Model name", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import shutil
+    import subprocess
+
+    if shutil.which("lscpu"):
+        try:
+            text = subprocess.run(
+                ["lscpu"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        for line in text.splitlines():
+            if line.strip().startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the system has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """NumPy's BLAS libraries as threadpoolctl reports them (library, version, threads and
+    kernel architecture), or an empty list without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("internal_api", "version", "num_threads", "architecture", "threading_layer")
+    return [
+        {k: lib[k] for k in keys if k in lib}
+        for lib in threadpool_info()
+        if lib.get("user_api") == "blas"
+    ]
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures depend on besides the code: CPU, cores, system, versions, BLAS and
+    the environment variables of :data:`ENV_VARS` that are set."""
+    import platform
+
+    from ._cli_info import fastweights_version
+
+    usable: int | None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS or Windows
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "fastweights": fastweights_version(),
+        "blas": blas_info(),
+        "env": {name: os.environ[name] for name in ENV_VARS if name in os.environ},
+    }
+
+
 @dataclass
-class Row:
-    what: str
-    tokens_per_s: float
-    gflops: float
+class Measurement:
+    """One (shape, op, backend) cell: seconds per call over the repeats, after a first call
+    (compilation included) that is not counted."""
+
+    op: str
+    backend: str
+    shape: Shape
+    first_call_s: float
+    seconds: Spread
+    flops: float
+    tokens: int
+
+    def to_json(self, matmul: float, loop_tokens_per_s: float | None) -> dict[str, Any]:
+        B, T, H, K, V = self.shape
+        tokens = self.seconds.rate(self.tokens)
+        gflops = self.seconds.rate(self.flops / 1e9)
+        return {
+            "op": self.op,
+            "backend": self.backend,
+            "form": "auto",
+            "shape": {"B": B, "T": T, "H": H, "K": K, "V": V},
+            "first_call_s": self.first_call_s,
+            "seconds": self.seconds.to_json(),
+            "tokens_per_s": tokens.to_json(),
+            "gflops": gflops.to_json(),
+            "percent_of_matmul": 100 * gflops.median / matmul,
+            "vs_numpy_loop": (
+                None if loop_tokens_per_s is None else tokens.median / loop_tokens_per_s
+            ),
+        }
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    if sys.stderr.isatty():
-        bar = "#" * (30 * done // total)
-        sys.stderr.write(f"\r[{bar:<30}] {done}/{total} {label:<40}")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _shape_text(shape: Shape) -> str:
+    B, T, H, K, V = shape
+    kv = f"K=V={K}" if K == V else f"K={K} V={V}"
+    return f"B={B} T={T} H={H} {kv}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{_ms(seconds)} ms"
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Progress:
+    """``bench [i/n] label: result`` lines on ``stream``; on a terminal the label shows while
+    the measurement runs (a first numba call compiles for 10-40 s)."""
+
+    def __init__(self, stream: Any, total: int) -> None:
+        self.stream, self.total, self.done = stream, total, 0
+
+    def _head(self, label: str) -> str:
+        return f"bench [{self.done + 1:>{len(str(self.total))}}/{self.total}] {label}"
+
+    def start(self, label: str) -> None:
+        if self.stream is not None and _isatty(self.stream):
+            self.stream.write(f"\r\x1b[K{self._head(label)} ...")
+            self.stream.flush()
+
+    def end(self, label: str, result: str) -> None:
+        if self.stream is not None:
+            clear = "\r\x1b[K" if _isatty(self.stream) else ""
+            self.stream.write(f"{clear}{self._head(label)}: {result}\n")
+            self.stream.flush()
+        self.done += 1
+
+
+def _plan(
+    ops: Sequence[str], backends: Sequence[str], shapes: Sequence[Shape]
+) -> tuple[list[tuple[Shape, str, str, Any]], list[dict[str, str]]]:
+    """The cells to measure, each with its namespace, and the skipped (op, backend) pairs."""
+    cells = []
+    skipped = []
+    seen = set()
+    for shape in shapes:
+        for op in ops:
+            for backend in backends:
+                try:
+                    xp = backend_namespace(backend, op)
+                except NotImplementedError as exc:
+                    if (op, backend) not in seen:
+                        seen.add((op, backend))
+                        skipped.append({"op": op, "backend": backend, "reason": str(exc)})
+                    continue
+                cells.append((shape, op, backend, xp))
+    return cells, skipped
+
+
+MATMUL_N = 2048
+"""Size of the square float32 matmul that measures the machine's FLOP rate."""
+COPY_BYTES = 256 * 2**20
+"""Bytes copied to measure the memory bandwidth."""
 
 
 def run_bench(
-    ops: Sequence[str] = ("gated_delta_rule", "delta_rule", "simple_gla", "gla"),
-    T: int = 2048,
-    H: int = 4,
-    D: int = 128,
-    repeat: int = 3,
-) -> tuple[float, float, list[Row]]:
-    """Machine limits and the effective rate of each (op, available backend), form auto."""
-    backends = [b.name for b in list_backends() if b.available]
-    plan = [(op, b) for op in ops for b in backends]
-    total = len(plan) + 3
-    _progress(0, total, "matmul rate")
-    peak = matmul_gflops()
-    _progress(1, total, "copy bandwidth")
-    copy = copy_gbs()
-    rows = []
-    _progress(2, total, "NumPy loop")
-    args, _ = make_inputs("gated_delta_rule", 1, T, H, D, D)
-    seconds = best_time(lambda: numpy_loop_gated_delta_rule(*args), repeat=1)
-    flops = flops_per_token("gated_delta_rule", H, D, D) * T
-    rows.append(Row("gated_delta_rule  NumPy loop", T / seconds, flops / seconds / 1e9))
-    for i, (op, backend) in enumerate(plan, start=3):
-        _progress(i, total, f"{op} / {backend}")
-        try:
-            xp = backend_namespace(backend, op)
-        except NotImplementedError:
-            continue
-        args, kwargs = make_inputs(op, 1, T, H, D, D, xp)
+    ops: Sequence[str] = OPS,
+    backends: Sequence[str] | None = None,
+    shapes: Sequence[Shape] = ((1, 2048, 4, 128, 128),),
+    repeats: int = 5,
+    *,
+    pause: float | None = None,
+    progress: Any = True,
+) -> dict[str, Any]:
+    """Measure the machine's limits, a per-token NumPy loop and every (shape, op, backend),
+    float32, ``form="auto"``; return the report that ``--json`` writes.
 
-        def call(op: str = op, args: Any = args, kwargs: Any = kwargs, b: str = backend) -> Any:
-            return run_op(op, args, kwargs, backend=b)
+    Each measurement is one untimed first call (compilation, caches), then ``repeats`` timed
+    calls; the report keeps every sample with its median, min, max and quartiles. The matmul
+    rate is measured first and again last, each after a pause of ``pause`` seconds (default
+    :data:`BLAS_SPIN`), and every measurement starts after the same pause, so that OpenBLAS's
+    spinning threads do not share the cores with it. A line per measurement goes to
+    ``progress``: a file, True for the current ``sys.stderr``, None or False for none.
+    """
+    pause = BLAS_SPIN if pause is None else pause
+    if backends is None:
+        backends = [b.name for b in list_backends() if b.available]
+    load_before = load_average()
+    cells, skipped = _plan(ops, backends, shapes)
+    stream = sys.stderr if progress is True else progress or None
+    bar = _Progress(stream, len(cells) + len(shapes) + 3)
+    n = MATMUL_N
+    mm_label = f"float32 matmul {n}^3"
 
-        call()  # compile, warm caches
-        seconds = best_time(call, xp, repeat)
-        flops = flops_per_token(op, H, D, D) * T
-        rows.append(Row(f"{op}  {backend}", T / seconds, flops / seconds / 1e9))
-    _progress(total, total, "done")
-    return peak, copy, rows
+    def limits(label: str, measure: Callable[[], Spread], unit: str) -> Spread:
+        bar.start(label)
+        out = measure()
+        bar.end(label, f"{out.median:.1f} {unit} median ({out.min:.1f}-{out.max:.1f})")
+        return out
 
-
-def main(T: int = 2048, H: int = 4, D: int = 128) -> int:
-    """Print the side-by-side table of ``python -m fastweights bench``."""
-    import platform
-
-    peak, copy, rows = run_bench(T=T, H=H, D=D)
-    print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}")
-    print(f"float32 matmul (2048^3): {peak:8.1f} GFLOP/s   memory copy: {copy:6.1f} GB/s")
-    print(f"prefill B=1 T={T} H={H} K=V={D} float32, form='auto' (6*K*V FLOPs/token/head)\n")
-    base = rows[0].tokens_per_s
-    print(f"{'op / backend':34s} {'tokens/s':>12s} {'GFLOP/s':>9s} {'% matmul':>9s} {'x loop':>7s}")
-    for r in rows:
-        print(
-            f"{r.what:34s} {r.tokens_per_s:12.0f} {r.gflops:9.2f} "
-            f"{100 * r.gflops / peak:8.1f}% {r.tokens_per_s / base:7.1f}"
+    reps = max(repeats, 3)
+    matmul = limits(mm_label, lambda: matmul_rates(n=n, repeat=reps, pause=pause), "GFLOP/s")
+    copy = limits(
+        f"memory copy {COPY_BYTES / 2**20:g} MiB",
+        lambda: copy_rates(nbytes=COPY_BYTES, repeat=reps),
+        "GB/s",
+    )
+    loops: dict[Shape, Measurement] = {}
+    results: list[Measurement] = []
+    for shape in shapes:
+        B, T, H, K, V = shape
+        label = f"gated_delta_rule / numpy loop  {_shape_text(shape)}"
+        bar.start(label)
+        args, _ = make_inputs("gated_delta_rule", B, T, H, K, V)
+        time.sleep(pause)
+        start = time.perf_counter()
+        numpy_loop_gated_delta_rule(*args)
+        first = time.perf_counter() - start
+        secs = Spread.of(
+            timings(functools.partial(numpy_loop_gated_delta_rule, *args), np, repeats)
         )
+        loops[shape] = Measurement(
+            "gated_delta_rule", "numpy-loop", shape, first, secs,
+            flops_per_token("gated_delta_rule", H, K, V) * B * T, B * T,
+        )  # fmt: skip
+        bar.end(label, _result_text(secs))
+        for cell_shape, op, backend, xp in cells:
+            if cell_shape != shape:
+                continue
+            label = f"{op} / {backend}  {_shape_text(shape)}"
+            bar.start(label)
+            m = _measure(op, backend, shape, xp, repeats, pause)
+            if isinstance(m, str):
+                skipped.append({"op": op, "backend": backend, "reason": m})
+                bar.end(label, f"skipped: {m}")
+                continue
+            results.append(m)
+            bar.end(label, _result_text(m.seconds, m.first_call_s))
+    matmul_after = limits(
+        f"{mm_label}, again", lambda: matmul_rates(n=n, repeat=reps, pause=pause), "GFLOP/s"
+    )
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "config": {
+            "ops": list(ops),
+            "backends": list(backends),
+            "shapes": [dict(zip("BTHKV", s, strict=True)) for s in shapes],
+            "repeats": repeats,
+            "dtype": "float32",
+            "form": "auto",
+            "pause_s": pause,
+            "matmul_n": n,
+            "copy_bytes": COPY_BYTES,
+        },
+        "limits": {
+            "matmul_gflops": matmul.to_json(),
+            "matmul_gflops_after": matmul_after.to_json(),
+            "copy_gbs": copy.to_json(),
+        },
+        "numpy_loop": [
+            m.to_json(matmul.median, None) | {"form": "recurrent"} for m in loops.values()
+        ],
+        "results": [
+            r.to_json(matmul.median, loops[r.shape].seconds.rate(r.tokens).median) for r in results
+        ],
+        "skipped": skipped,
+    }
+
+
+def _result_text(seconds: Spread, first: float | None = None) -> str:
+    text = (
+        f"{_ms(seconds.median)} ms median ({_ms(seconds.min)}-{_ms(seconds.max)} ms, "
+        f"{len(seconds.samples)} calls)"
+    )
+    return text if first is None else f"{text}, first call {_duration(first)}"
+
+
+def _measure(
+    op: str, backend: str, shape: Shape, xp: Any, repeats: int, pause: float
+) -> Measurement | str:
+    """One cell, or the reason it could not run."""
+    B, T, H, K, V = shape
+    args, kwargs = make_inputs(op, B, T, H, K, V, xp)
+
+    def call() -> Any:
+        return run_op(op, args, kwargs, backend=backend)
+
+    time.sleep(pause)
+    start = time.perf_counter()
+    try:
+        call()  # compile, warm caches
+        synchronize(xp)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    first = time.perf_counter() - start
+    seconds = Spread.of(timings(call, xp, repeats))
+    flops = flops_per_token(op, H, K, V) * B * T
+    return Measurement(op, backend, shape, first, seconds, flops, B * T)
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """What a reader should know before trusting the figures of ``report``."""
+    out = []
+    env = report["machine"]["env"]
+    if "OPENBLAS_CORETYPE" in env:
+        out.append(
+            f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} is set: OpenBLAS runs that CPU's "
+            "kernels, not the ones it would pick, so the matmul rate (and the % column) may be "
+            "off; compare with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m "
+            "fastweights bench`"
+        )
+    cores = report["machine"]["usable_cores"] or 1
+    loads = [x[0] for x in (report["load_average_before"], report["load_average_after"]) if x]
+    if loads and max(loads) > 0.5 * cores:
+        out.append(
+            f"the machine was busy (1-minute load average up to {max(loads):.2f} on {cores} "
+            "cores): rates are lower and noisier than on an idle machine"
+        )
+    before = report["limits"]["matmul_gflops"]["median"]
+    after = report["limits"]["matmul_gflops_after"]["median"]
+    if abs(after - before) > 0.15 * max(before, after):
+        out.append(
+            f"the matmul rate moved from {before:.1f} to {after:.1f} GFLOP/s during the run: "
+            "something else used the cores"
+        )
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The text of ``python -m fastweights bench``: the machine, its limits, then per shape a
+    table of medians with their min-max spread."""
+    m = report["machine"]
+    lim = report["limits"]
+    mm, mm2, cp = lim["matmul_gflops"], lim["matmul_gflops_after"], lim["copy_gbs"]
+    blas = "; ".join(
+        " ".join(str(b[k]) for k in ("internal_api", "version") if k in b)
+        + f", {b.get('num_threads', '?')} threads, kernel {b.get('architecture', '?')}"
+        for b in m["blas"]
+    )
+    env = " ".join(f"{k}={v}" for k, v in m["env"].items()) or "none of " + ", ".join(ENV_VARS)
+
+    def load(x: list[float] | None) -> str:
+        return "n/a" if x is None else "/".join(f"{v:.2f}" for v in x)
+
+    cfg = report["config"]
+    lines = [
+        f"machine:  {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
+        f"{m['platform']}",
+        f"versions: fastweights {m['fastweights']}, Python {m['python']}, NumPy {m['numpy']}",
+        f"BLAS:     {blas or 'unknown (threadpoolctl not installed)'}",
+        f"env:      {env}",
+        f"load average (1/5/15 min): {load(report['load_average_before'])} before, "
+        f"{load(report['load_average_after'])} after",
+        f"float32 matmul {cfg['matmul_n']}^3: {mm['median']:.1f} GFLOP/s median ({mm['min']:.1f}-"
+        f"{mm['max']:.1f}), BLAS threads idle before; {mm2['median']:.1f} at the end",
+        f"memory copy {cfg['copy_bytes'] / 2**20:g} MiB: {cp['median']:.1f} GB/s median "
+        f"({cp['min']:.1f}-{cp['max']:.1f})",
+        f"float32, form='auto', per cell: one untimed first call, then the median of "
+        f"{cfg['repeats']} calls (min-max); GFLOP/s counts the recurrent pass's work "
+        "(6*K*V per token and head for the delta rule)",
+    ]
+    head = (
+        f"{'op / backend':34s} {'median ms':>10s} {'min-max ms':>17s} {'tokens/s':>11s} "
+        f"{'GFLOP/s':>8s} {'% matmul':>8s} {'x loop':>7s}"
+    )
+    for loop in report["numpy_loop"]:
+        shape = tuple(loop["shape"][d] for d in "BTHKV")
+        rows = [loop] + [r for r in report["results"] if r["shape"] == loop["shape"]]
+        lines += ["", _shape_text(shape), head]
+        base = loop["tokens_per_s"]["median"]
+        for r in rows:
+            s = r["seconds"]
+            what = f"{r['op']}  {r['backend'].replace('-', ' ')}"
+            spread = f"{_ms(s['min'])}-{_ms(s['max'])}"
+            lines.append(
+                f"{what:34s} {_ms(s['median']):>10s} {spread:>17s} "
+                f"{r['tokens_per_s']['median']:11.0f} {r['gflops']['median']:8.2f} "
+                f"{r['percent_of_matmul']:7.1f}% {r['tokens_per_s']['median'] / base:7.1f}"
+            )
+    if report["skipped"]:
+        lines.append("")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for s in report["skipped"]:
+            groups.setdefault((s["backend"], s["reason"]), []).append(s["op"])
+        lines += [f"skipped {b} for {', '.join(o)}: {r}" for (b, r), o in groups.items()]
+    for note in notes(report):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def write_plot(report: dict[str, Any], path: str) -> None:
+    """Draw each cell's median GFLOP/s with its min-max spread, one panel per shape, beside
+    the matmul rate; ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loops = report["numpy_loop"]
+    fig, axes = plt.subplots(len(loops), 1, figsize=(10, 3.6 * len(loops)), squeeze=False)
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    matmul = report["limits"]["matmul_gflops"]["median"]
+    for ax, loop in zip(axes[:, 0], loops, strict=True):
+        rows = [r for r in report["results"] if r["shape"] == loop["shape"]]
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+        width = 0.8 / max(len(backends), 1)
+        for i, backend in enumerate(backends):
+            mine = {r["op"]: r["gflops"] for r in rows if r["backend"] == backend}
+            xs = [j + i * width for j, op in enumerate(ops) if op in mine]
+            med = [mine[op]["median"] for op in ops if op in mine]
+            err = [
+                [mine[op]["median"] - mine[op]["min"] for op in ops if op in mine],
+                [mine[op]["max"] - mine[op]["median"] for op in ops if op in mine],
+            ]
+            ax.bar(xs, med, width, yerr=err, capsize=2, label=backend)
+        ax.axhline(matmul, color="k", ls="--", lw=1, label=f"float32 matmul {matmul:.0f}")
+        ax.axhline(loop["gflops"]["median"], color="gray", ls=":", lw=1, label="NumPy loop")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("GFLOP/s (median, min-max)")
+        shape = tuple(loop["shape"][d] for d in "BTHKV")
+        ax.set_title(f"{_shape_text(shape)}, float32, form='auto'")
+        ax.legend(fontsize="small", ncols=2)
+    fig.suptitle(f"fastweights bench on {report['machine']['cpu']}", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(
+    ops: Sequence[str] = OPS,
+    backends: Sequence[str] | None = None,
+    shapes: Sequence[Shape] = ((1, 2048, 4, 128, 128),),
+    repeats: int = 5,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    *,
+    pause: float | None = None,
+) -> int:
+    """Run :func:`run_bench` with progress on stderr, print :func:`format_report`, and write
+    the JSON report and the figure where asked; the body of ``python -m fastweights bench``."""
+    import json
+
+    report = run_bench(ops, backends, shapes, repeats, pause=pause)
+    print(format_report(report))
+    if json_path is not None:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {json_path}")
+    if plot_path is not None:
+        write_plot(report, plot_path)
+        print(f"wrote {plot_path}")
     return 0

@@ -121,7 +121,8 @@ def test_demo_quick_runs_end_to_end(capsys):
 
 
 def test_bench_subcommand_prints_rates(capsys):
-    assert main(["bench", "--length", "16", "--heads", "1", "--dim", "8"]) == 0
+    argv = ["--length", "16", "--heads", "1", "--dim", "8", "--ops", "gla", "--repeats", "1"]
+    assert main(["bench", *argv, "--backends", "reference"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "reference" in out
 
