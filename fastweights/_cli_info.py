@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any, TextIO
 
+from ._install import install_hint
+
 __all__ = [
     "backend_rows",
     "format_backends",
@@ -235,4 +237,12 @@ def run_info(out: TextIO | None = None) -> int:
     if threading_rows:
         print("\nNumba threads (the numba backend's kernels)", file=out)
         print(format_versions(threading_rows), file=out)
+    print("\nInstalling an extra (a backend's dependencies)", file=out)
+    print(f"  {install_hint('numba')}", file=out)
+    try:
+        extras = metadata.metadata("fastweights").get_all("Provides-Extra") or []
+    except metadata.PackageNotFoundError:
+        extras = []
+    if extras:
+        print(f"  extras: {', '.join(extras)}", file=out)
     return 0

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fastweights._install import install_hint
 from fastweights.backends import Call
 
 EMULATE_ENV = "FASTWEIGHTS_CUDA_EMULATE"
@@ -47,7 +48,7 @@ def emulating() -> bool:
 
 def _cupy_unavailable() -> str | None:
     if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install fastweights[cuda12] or fastweights[cuda13])"
+        return f"cupy is not installed ({install_hint('cuda12', 'cuda13')})"
     try:
         import cupy
 

@@ -9,7 +9,8 @@ are independent. Blocks along ``T`` are combined exactly, in one of two ways (se
 is an affine map of the state before it (:attr:`Rule.transition`), or passing the state from
 block to block. Nothing is computed until the caller computes the result.
 
-Install it with the ``dask`` extra (``pip install -e ".[dask]"`` from a checkout).
+Install it with the ``dask`` extra: ``pip install ".[dask]"`` in a checkout of the repository
+(fastweights is not on PyPI yet).
 
 Examples
 --------
@@ -33,6 +34,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
+from fastweights._install import install_hint
 from fastweights.backends import OPS, Call
 
 
@@ -46,7 +48,7 @@ class DaskBackend:
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("dask") is None:
-            return 'dask is not installed (from a checkout: pip install -e ".[dask]")'
+            return f"dask is not installed ({install_hint('dask')})"
         return None
 
     def rejects(self, call: Call) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fastweights._install import install_hint
 from fastweights.backends import Call
 
 FIRST_WAVE = (
@@ -61,7 +62,7 @@ class NumbaBackend:
         # A folder named numba on sys.path (e.g. a test directory) is a namespace package
         # without an origin, not numba.
         if spec is None or spec.origin is None:
-            return "numba is not installed (pip install 'fastweights[numba]')"
+            return f"numba is not installed ({install_hint('numba')})"
         return None
 
     def rejects(self, call: Call) -> str | None:

@@ -2,7 +2,7 @@
 
 ``cuda.core``'s ``Program`` drives NVRTC to a cubin with ``-Xptxas -v``; the ptxas report is
 parsed and each kernel must have no register spills, no local-memory stack frame, and fit the
-register file and 48 KiB of static shared memory. Needs ``pip install fastweights[cuda-test]``
+register file and 48 KiB of static shared memory. Needs ``pip install ".[cuda-test]"``
 (``cuda-core``, ``cuda-bindings``, ``nvidia-cuda-nvrtc``); skipped with the reason otherwise.
 The ptxas reports are cached by source, options and NVRTC version under
 ``FASTWEIGHTS_NVRTC_CACHE`` (default ``~/.cache/fastweights/nvrtc``).
@@ -45,7 +45,7 @@ def _nvrtc() -> tuple[Any, Any, str]:
     except Exception as exc:
         pytest.skip(
             f"NVRTC through cuda.core is not usable ({type(exc).__name__}: {exc}); "
-            "pip install fastweights[cuda-test]"
+            'pip install ".[cuda-test]" in a checkout of the repository'
         )
     return Program, ProgramOptions, f"{major}.{minor}"
 
