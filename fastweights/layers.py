@@ -56,6 +56,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._install import install_hint
 from ._pool import gather_rows, write_rows
 from ._validate import (
     _check_arrays,
@@ -140,7 +141,7 @@ def _numba_unavailable() -> str | None:
     if not _numba_missing:
         spec = importlib.util.find_spec("numba")
         _numba_missing.append(
-            "numba is not installed (pip install 'fastweights[numba]')"
+            f"numba is not installed ({install_hint('numba')})"
             if spec is None or spec.origin is None
             else ""
         )
