@@ -808,27 +808,66 @@ def test_docstring_examples() -> None:
 # fla's own kernels, through Triton's CPU interpreter
 
 _SCRIPT = """
-import sys, numpy as np
+import sys
+import numpy as np
 if sys.argv[1] == "fla":
     import torch
-    from fla.ops import (
-        fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, fused_recurrent_kda)
-    arr = torch.from_numpy
+    import triton.runtime.autotuner as autotuner
+    _prune = autotuner.Autotuner.prune_configs
+    # the interpreter cannot time a kernel's configurations: each kernel runs its first one
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: _prune(self, kwargs)[:1]
+    import fla.ops as ops
+    arr, f32 = torch.from_numpy, lambda x: x.float()
 else:
-    from fastweights.fla import (
-        fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, fused_recurrent_kda)
-    arr = np.asarray
+    import fastweights.fla as ops
+    arr, f32 = np.asarray, lambda x: x.astype(np.float32)
 x = {n: arr(a) for n, a in np.load(sys.argv[2]).items()}
-names = ("q", "k", "qn", "kn", "v", "g", "gk", "beta", "h0")
-q, k, qn, kn, v, g, gk, beta, h0 = (x[n] for n in names)
+globals().update(x)
 outs = {}
-outs["gdn_o"], outs["gdn_s"] = fused_recurrent_gated_delta_rule(
-    q, k, v, g, beta=beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-outs["gdn1_o"], outs["gdn1_s"] = fused_recurrent_gated_delta_rule(
-    q, k, v, g, scale=0.5, output_final_state=True, use_qk_l2norm_in_kernel=True)
-outs["kda_o"], outs["kda_s"] = fused_recurrent_kda(
-    q, k, v, gk, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-outs["delta_o"], _ = fused_recurrent_delta_rule(qn, kn, v)  # its l2norm kernel needs a GPU
+def put(name, result):
+    outs[name + "_o"] = result[0]
+    states = result[1] if isinstance(result[1], tuple) else (result[1],)
+    for i, s in enumerate(states):
+        if s is not None:
+            outs[f"{name}_s{i}"] = s
+put("gdn", ops.fused_recurrent_gated_delta_rule(
+    q, k, v, g, beta=beta, initial_state=h0, output_final_state=True,
+    use_qk_l2norm_in_kernel=True))
+put("gdn_default_beta", ops.fused_recurrent_gated_delta_rule(
+    q, k, v, g, scale=0.5, output_final_state=True, use_qk_l2norm_in_kernel=True))
+put("gdn_gk", ops.fused_recurrent_gated_delta_rule(
+    qn, kn, v, gk=gk, beta=beta, output_final_state=True))
+put("gdn_gate_in_kernel", ops.fused_recurrent_gated_delta_rule(
+    qn, kn, v, g_raw, beta=beta_raw, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+    use_beta_sigmoid_in_kernel=True, output_final_state=True))
+put("gdn_packed", ops.fused_recurrent_gated_delta_rule(
+    q[:1], k[:1], v[:1], g[:1], beta=beta[:1], initial_state=h0p, output_final_state=True,
+    use_qk_l2norm_in_kernel=True, cu_seqlens=cu))
+put("kda", ops.fused_recurrent_kda(
+    q, k, v, gk, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True))
+put("kda_gate_in_kernel", ops.fused_recurrent_kda(
+    qn, kn, v, gk_raw, beta, A_log, dt_bias_k, use_gate_in_kernel=True,
+    output_final_state=True))
+put("delta", ops.fused_recurrent_delta_rule(qn, kn, v, output_final_state=True))
+put("gla", ops.fused_recurrent_gla(q, k, v, gk, initial_state=h0, output_final_state=True))
+put("gla_reverse", ops.fused_recurrent_gla(q, k, v, gk, output_final_state=True, reverse=True))
+put("simple_gla", ops.fused_recurrent_simple_gla(
+    q, k, v, g, initial_state=h0, output_final_state=True))
+put("simple_gla_gamma_reverse_packed", ops.fused_recurrent_simple_gla(
+    q[:1], k[:1], v[:1], g_gamma=g_gamma, initial_state=h0p, output_final_state=True,
+    reverse=True, cu_seqlens=cu))
+put("dplr", ops.fused_recurrent_dplr_delta_rule(
+    q, k, v, a, b, gk, initial_state=h0, output_final_state=True))
+put("iplr", ops.fused_recurrent_iplr_delta_rule(q, k, v, a, b, output_final_state=True))
+put("rwkv7", ops.fused_recurrent_rwkv7(q, gk, k, v, a, b, initial_state=h0))
+put("linear", ops.fused_recurrent_linear_attn(q, k, v, initial_state=h0, output_final_state=True))
+put("linear_normalized", ops.fused_recurrent_linear_attn(
+    qp, kp, v, output_final_state=True, normalize=True))
+put("retention", ops.fused_recurrent_retention(q, k, v, output_final_state=True))
+put("lightning", ops.fused_recurrent_lightning_attn(q, k, v, 1, 4, output_final_state=True))
+# fla's parallel kernels give non-finite outputs for float64 under the interpreter
+put("parallel_simple_gla", ops.parallel_simple_gla(f32(q), f32(k), f32(v), f32(g)))
+put("parallel_retention", ops.parallel_retention(f32(q), f32(k), f32(v)))
 np.savez(sys.argv[3], **{n: np.asarray(o) for n, o in outs.items()})
 """
 
@@ -836,11 +875,18 @@ np.savez(sys.argv[3], **{n: np.asarray(o) for n, o in outs.items()})
 @needs_fla
 def test_fla_kernels_under_triton_interpreter(tmp_path: Any) -> None:
     """One script written against fla's API, run by fla's Triton kernels (interpreted on the
-    CPU, float64 in, float32 inside) and by fastweights.fla: the same outputs and states."""
+    CPU, float64 in, float32 inside) and by fastweights.fla: the same outputs and states.
+    It calls every recurrent and parallel function (the chunk kernels do not run under the
+    interpreter), with packed sequences, reverse, in-kernel gates and fla's defaults."""
     pytest.importorskip("triton")
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(_SCRIPT))
-    np.savez(tmp_path / "in.npz", q=q, k=k, qn=qn, kn=kn, v=v, g=g, gk=gk, beta=beta, h0=h0)
+    np.savez(
+        tmp_path / "in.npz", q=q, k=k, qn=qn, kn=kn, v=v, g=g, gk=gk, beta=beta, h0=h0, a=a, b=b,
+        g_raw=g_raw, beta_raw=beta_raw, gk_raw=gk_raw, A_log=A_log, dt_bias=dt_bias,
+        dt_bias_k=dt_bias_k, g_gamma=g_gamma, qp=qp, kp=kp, cu=np.array([0, 5, T]),
+        h0p=0.1 * np.random.default_rng(3).standard_normal((2, H, K, V)),
+    )  # fmt: skip
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     run = subprocess.run(
         [sys.executable, str(script), "fla", str(tmp_path / "in.npz"), str(tmp_path / "fla.npz")],
