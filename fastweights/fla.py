@@ -108,6 +108,12 @@ def _extras(name: str, kwargs: dict[str, Any], accepted: tuple[str, ...] = ()) -
             ours[key] = kwargs.pop(key)
         elif key in _TUNING:
             kwargs.pop(key)
+        elif key == "head_first" and key not in accepted:
+            if kwargs.pop(key):
+                raise ValueError(
+                    f"{name}: head_first=True is not supported here (fla 0.6 removed it); pass "
+                    "[B, T, H, ...] inputs"
+                )
         elif key not in accepted and key != "cp_context":
             raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
     if kwargs.get("cp_context") is not None:

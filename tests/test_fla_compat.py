@@ -685,6 +685,10 @@ def test_head_first_true_transposes() -> None:
         )
     np.testing.assert_allclose(np.swapaxes(oh, 1, 2), o, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sh, s, rtol=1e-12, atol=1e-12)
+    # head_first=False is accepted everywhere; True where fla's functions once took it
+    F.chunk_linear_attn(q, k, v, head_first=False)
+    with pytest.raises(ValueError, match="head_first"):
+        F.chunk_mesa_net(q, k, vm, g, beta, lamb, head_first=True)
 
 
 def test_o_has_q_dtype() -> None:
