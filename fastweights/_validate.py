@@ -19,6 +19,7 @@ import array_api_compat
 import numpy as np
 
 from ._ops import ARG_NAMES, FAMILIES, RULES, Rule
+from ._pool import gather_rows
 from .rules._rule import dims_of, step_shape
 
 FORM_CHOICES = ("auto", "recurrent", "chunk", "parallel")
@@ -83,6 +84,14 @@ class Call:
     options: Mapping[str, Any] = field(default_factory=dict)
     """The rule's own options beyond ``normalize`` and ``num_householder``, checked, by name
     (``mesa_net``'s ``solver`` and ``max_cg_iterations``); also readable as attributes."""
+    pool: Any = None
+    """A sequence call into a state pool (``state_pool=``): the pool (a tuple for a pair
+    state), whose rows ``pool_indices`` are ``initial_state`` and receive the final states
+    (:mod:`fastweights._serving`). Backends never see it set."""
+    pool_indices: np.ndarray | None = None
+    """Host int64 rows of ``pool``, distinct and in range; None means arange(N)."""
+    snapshots: bool = False
+    """``output_state_snapshots``: also return the state after each token."""
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not fields: the arrays or options of some rule.
@@ -651,10 +660,17 @@ def validate(
     chunk_size: Any = 64,
     normalize: bool = False,
     num_householder: Any = 1,
+    state_pool: Any = None,
+    state_indices: Any = None,
+    output_state_snapshots: bool = False,
     **inputs: Any,
 ) -> Call:
     """Check a sequence call of ``op`` against its description (:class:`Rule`) and API.md,
-    and describe it as a :class:`Call` of the op a backend runs (an instance's parent)."""
+    and describe it as a :class:`Call` of the op a backend runs (an instance's parent).
+
+    With ``state_pool``, the pool's rows ``state_indices`` become ``initial_state`` (gathered,
+    a copy) and ``output_final_state`` is set; :mod:`fastweights._serving` writes the final
+    states back."""
     rule = RULES[op]
     options = _rule_options(rule, inputs, step=False)
     qkv = {"q": q, "k": k, "v": v} if rule.qkv else {}
@@ -687,6 +703,19 @@ def validate(
     initial_state = _lazy_states(lead, initial_state)
     if initial_state is not None:
         states = _check_state("initial_state", initial_state, rule, normalize, N, sizes, "N")
+    snapshots = _check_flag("output_state_snapshots", output_state_snapshots)
+    idx = None
+    if state_pool is not None:
+        if initial_state is not None or output_final_state:
+            raise ValueError(
+                "state_pool and initial_state/output_final_state are mutually exclusive: a "
+                "call into a pool starts from its rows state_indices and writes the final "
+                "states back there"
+            )
+        states = _check_pool_shapes("state_pool", state_pool, rule, normalize, sizes)
+        idx = _check_indices(state_indices, N, _pool_rows(state_pool))
+    elif state_indices is not None:
+        raise ValueError("state_indices needs state_pool (the pool whose rows it names)")
     if not isinstance(form, str) or form not in FORM_CHOICES:
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
     chunk = _check_int("chunk_size", chunk_size, 1)
@@ -697,6 +726,12 @@ def validate(
     if form != "auto" and form not in rule.forms:
         reason = rule.no_form.get(form, f"{rule.name} has no {form} form")
         raise ValueError(f"form={form!r} is not available for this {op} call: {reason}")
+    if state_pool is not None:
+        _check_pool_arrays(states, xp)
+        pools = tuple(state_pool) if isinstance(state_pool, tuple | list) else (state_pool,)
+        rows = tuple(gather_rows(xp, p, idx) for p in pools)
+        initial_state = rows if len(rows) > 1 else rows[0]
+        output_final_state = True
     _check_values(rule, named, xp)
     parent, arrays = _to_parent(rule, xp, named)
     call = Call(
@@ -727,10 +762,80 @@ def validate(
         K=K,
         V=sizes["V"],
         N=N,
+        pool=state_pool,
+        pool_indices=idx,
+        snapshots=snapshots,
     )
     if form != "auto":
         _check_form(rule, call, form)
     return call
+
+
+def _pool_rows(pool: Any) -> int:
+    first = pool[0] if isinstance(pool, tuple | list) and pool else pool
+    return int(first.shape[0]) if getattr(first, "ndim", 0) >= 1 else -1
+
+
+def _check_pool_shapes(
+    name: str, pool: Any, rule: Rule, normalize: bool, sizes: dict[str, int]
+) -> dict[str, Any]:
+    """A state pool's shapes (``[P, ...]`` of the rule's state layout); its arrays by name."""
+    layout = rule.state_layout(normalize=normalize)
+    if isinstance(pool, tuple | list) and len(layout) > 1 and len(pool) == len(layout):
+        for i, x in enumerate(pool):
+            if type(x) is not np.ndarray:
+                _namespace(f"{name}[{i}]", x)
+                _dims(f"{name}[{i}]", x)
+        first, label = pool[0], f"{name}[0]"
+    elif not isinstance(pool, tuple | list):
+        if type(pool) is not np.ndarray:
+            _namespace(name, pool)
+            _dims(name, pool)
+        first, label = pool, name
+    else:
+        first = None
+    if first is not None:
+        dims = dims_of(layout[0].shape)
+        _check_rank(label, first, len(dims), "[P, " + ", ".join(dims[1:]) + "]")
+    return _check_state(name, pool, rule, normalize, _pool_rows(pool), sizes, "P")
+
+
+def _check_pool_arrays(states: dict[str, Any], xp: ModuleType, names: str = "") -> None:
+    """Each part of a state pool is float32 or float64, writeable, and apart from the others;
+    checked before anything is written."""
+    for name, pool in states.items():
+        if not _is_pool_dtype(pool, xp):
+            raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
+        _check_writeable(name, pool)
+    parts = list(states.items())
+    for i in range(len(parts)):
+        for j in range(i):
+            if _overlap(parts[j][1], parts[i][1], exact=True):
+                raise ValueError(
+                    f"{parts[j][0]} and {parts[i][0]} share memory: the parts of the state"
+                    f"{names} must be separate pools"
+                )
+
+
+def _check_indices(state_indices: Any, N: int, P: int) -> np.ndarray | None:
+    """``state_indices`` as host int64 ``[N]``, distinct and in ``[0, P)`` (None: ``P == N``)."""
+    if state_indices is None:
+        if P != N:
+            raise ValueError(
+                f"without state_indices the state pool must have N = {N} rows, got P = {P}"
+            )
+        return None
+    idx = to_host_ints("state_indices", state_indices, ValueError)
+    if idx.shape != (N,):
+        raise ValueError(f"state_indices must have shape (N,) = ({N},), got {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= P):
+        raise ValueError(
+            f"state_indices must lie in [0, P) = [0, {P}), got values from {idx.min()} "
+            f"to {idx.max()}"
+        )
+    if np.unique(idx).size != idx.size:
+        raise ValueError("state_indices must be distinct: two rows would update one state")
+    return idx
 
 
 def _qkv_step_sizes(
@@ -821,34 +926,8 @@ def validate_step(
     xp, dev, dtype = _check_arrays(
         {**{n_: x for n_, x in named.items() if x is not None}, **states}
     )
-    for name, pool in states.items():
-        if not _is_pool_dtype(pool, xp):
-            raise TypeError(f"{name} (the state pool) must be float32 or float64, got {pool.dtype}")
-        _check_writeable(name, pool)
-    for i in range(len(parts)):
-        for j in range(i):
-            if _overlap(parts[j][1], parts[i][1], exact=True):
-                raise ValueError(
-                    f"{parts[j][0]} and {parts[i][0]} share memory: the parts of the state "
-                    f"({names}) must be separate pools"
-                )
-    idx = None
-    if state_indices is None:
-        if P != N:
-            raise ValueError(
-                f"without state_indices the state pool must have N = {N} rows, got P = {P}"
-            )
-    else:
-        idx = to_host_ints("state_indices", state_indices, ValueError)
-        if idx.shape != (N,):
-            raise ValueError(f"state_indices must have shape (N,) = ({N},), got {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= P):
-            raise ValueError(
-                f"state_indices must lie in [0, P) = [0, {P}), got values from {idx.min()} "
-                f"to {idx.max()}"
-            )
-        if np.unique(idx).size != idx.size:
-            raise ValueError("state_indices must be distinct: two rows would update one state")
+    _check_pool_arrays(states, xp, f" ({names})")
+    idx = _check_indices(state_indices, N, P)
     _check_values(rule, named, xp)
     # An input that is a view of the pool would change under the kernel's writes: read it first.
     pools = tuple(states.values())

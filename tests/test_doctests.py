@@ -24,6 +24,7 @@ MODULES = [
         ),
     ),
     "fastweights._registry",
+    "fastweights._serving",
     pytest.param(
         "fastweights.backends.dask",
         marks=pytest.mark.skipif(

@@ -30,7 +30,8 @@ from fastweights.rules._rule import step_shape
 from fastweights.testing import random_call
 
 COMMON = ["scale", "initial_state", "output_final_state", "cu_seqlens", "use_qk_l2norm"]
-COMMON += ["form", "chunk_size", "backend"]
+COMMON += ["form", "chunk_size", "backend", "state_pool", "state_indices"]
+COMMON += ["output_state_snapshots"]
 STEP_COMMON = ["scale", "state_indices", "use_qk_l2norm", "backend"]
 
 

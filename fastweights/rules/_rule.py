@@ -104,9 +104,17 @@ COMMON = (
     "use_qk_l2norm",
     "form",
     "chunk_size",
+    "state_pool",
+    "state_indices",
+    "output_state_snapshots",
 )
 """The keyword arguments every rule of the first wave takes (API.md); a rule may take fewer
-(``Rule.common``)."""
+(``Rule.common``). ``state_pool``, ``state_indices`` and ``output_state_snapshots`` (serving:
+a multi-token call into a decoding pool, the state after each token) work for every rule
+(:mod:`fastweights._serving`)."""
+
+SERVING = ("state_pool", "state_indices", "output_state_snapshots")
+"""The serving keywords of :data:`COMMON`, for a rule that lists its own ``common``."""
 
 QKV = (
     Arg("q", "[B, T, H, K]", "queries."),

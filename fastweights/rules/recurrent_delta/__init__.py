@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._rule import Arg, Rule
+from .._rule import SERVING, Arg, Rule
 from .recurrent import prepare, recurrent
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ RECURRENT_DELTA_RULE = Rule(
         Arg("S", "[N, HV, K, V]", "the fast weights, key-first."),
         Arg("o", "[N, HV, V]", "the last output (``o_0``: zero if no state is given)."),
     ),
-    common=("scale", "initial_state", "output_final_state", "cu_seqlens", "form"),
+    common=("scale", "initial_state", "output_final_state", "cu_seqlens", "form", *SERVING),
     default_scale=1.0,
     same_heads=True,
     min_sizes={"K": 1},

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._rule import Arg, Rule
+from .._rule import SERVING, Arg, Rule
 from .recurrent import prepare, recurrent
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ SRWM = Rule(
     no_form={"chunk": _NO_FORM, "parallel": _NO_FORM},
     state=(Arg("W", "[N, H, K, W]", "the weight of each sequence and head."),),
     qkv=(),
-    common=("initial_state", "output_final_state", "cu_seqlens", "form"),
+    common=("initial_state", "output_final_state", "cu_seqlens", "form", *SERVING),
     out="x",
     sizes=sizes,
     same_heads=True,
