@@ -48,6 +48,7 @@ __all__ = [
     "chunk_dplr_delta_rule",
     "chunk_gated_delta_product",
     "chunk_gated_delta_rule",
+    "chunk_gdn",
     "chunk_gla",
     "chunk_iplr_delta_rule",
     "chunk_kda",
@@ -60,9 +61,11 @@ __all__ = [
     "fused_chunk_linear_attn",
     "fused_chunk_retention",
     "fused_chunk_simple_gla",
+    "fused_mul_recurrent_rwkv7",
     "fused_recurrent_delta_rule",
     "fused_recurrent_dplr_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gdn",
     "fused_recurrent_gla",
     "fused_recurrent_iplr_delta_rule",
     "fused_recurrent_kda",
@@ -484,6 +487,11 @@ def fused_recurrent_gated_delta_rule(
         state_v_first=state_v_first,
         head_first=bool(kwargs.get("head_first", False)),
     )
+
+
+#: fla's short names (``fla.ops.chunk_gdn is fla.ops.chunk_gated_delta_rule``).
+chunk_gdn = chunk_gated_delta_rule
+fused_recurrent_gdn = fused_recurrent_gated_delta_rule
 
 
 # --------------------------------------------------------------------------------------------
@@ -1328,6 +1336,49 @@ def fused_recurrent_rwkv7(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+    )
+
+
+@_doc(
+    "rwkv7.fused_mul_recurrent_rwkv7",
+    "RWKV-7 in RWKV's own terms: :func:`fastweights.rwkv7` under fla's name.",
+    "``(r, w, k, v, kk, a)`` is ``fastweights.rwkv7(r, k, v, w, kk, a)``: "
+    "``S_t = Diag(exp(w_t)) S_{t-1} - (kk_t * a_t) (kk_t^T S_{t-1}) + k_t v_t^T``. ``scale`` "
+    "defaults to 1.0, as in fla; ``reverse=True`` runs each sequence from its last token to "
+    "its first. fla exports it from ``fla.ops.rwkv7``.",
+    "w = -rng.random((1, 16, 2, 8))\nkk = rng.standard_normal((1, 16, 2, 8))\n"
+    "kk = kk / np.linalg.norm(kk, axis=-1, keepdims=True)\na = rng.random((1, 16, 2, 8))",
+    "fused_mul_recurrent_rwkv7(q, w, k, v, kk, a, output_final_state=True)",
+)
+def fused_mul_recurrent_rwkv7(
+    r: Any,
+    w: Any,
+    k: Any,
+    v: Any,
+    kk: Any,
+    a: Any,
+    scale: float | None = 1.0,
+    initial_state: Any = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    name = "fused_mul_recurrent_rwkv7"
+    ours = _extras(name, kwargs)
+    return _run(
+        name,
+        _fw.rwkv7,
+        r,
+        k,
+        v,
+        [w, kk, a],
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        ours=ours,
+        reverse=reverse,
     )
 
 

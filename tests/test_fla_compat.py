@@ -72,7 +72,8 @@ gk = np.log(_rng.uniform(0.7, 1.0, (B, T, H, K)))
 beta = _rng.uniform(0.2, 0.9, (B, T, H))
 h0 = 0.1 * _rng.standard_normal((B, H, K, V))
 kk = _l2(_rng.standard_normal((B, T, H, K)))
-a, b = -kk, kk * _rng.uniform(0.0, 1.0, (B, T, H, K))  # RWKV-7's a = -kk, b = kk * a
+u = _rng.uniform(0.0, 1.0, (B, T, H, K))  # RWKV-7's own a
+a, b = -kk, kk * u  # DPLR's a, b in RWKV-7: a = -kk, b = kk * a
 g_raw, beta_raw = _rng.standard_normal((2, B, T, H))
 gk_raw = _rng.standard_normal((B, T, H, K))
 A_log, dt_bias = _rng.uniform(-1.0, 0.5, H), 0.1 * _rng.standard_normal(H)
@@ -275,6 +276,41 @@ CASES: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any]]]
         ),
         lambda: _np(R.kda(_t(qn), _t(kn), _t(v), _t(gk), _t(beta), output_final_state=True)),
         lambda: N.kda(qn, kn, v, gk, beta, output_final_state=True),
+    ),
+    "chunk_gdn": (  # fla's alias
+        lambda: F.chunk_gdn(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, **_common),
+        lambda: _np(
+            R.gdn(
+                _t(qn),
+                _t(kn),
+                _t(v),
+                _t(beta),
+                _t(g),
+                initial_state=_t(h0),
+                output_final_state=True,
+            )
+        ),
+        lambda: N.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, **_common),
+    ),
+    "fused_recurrent_gdn": (  # fla's alias
+        lambda: F.fused_recurrent_gdn(qn, kn, v, g, beta=beta, output_final_state=True),
+        lambda: _np(R.gdn(_t(qn), _t(kn), _t(v), _t(beta), _t(g), output_final_state=True)),
+        lambda: N.gated_delta_rule(qn, kn, v, g, beta, output_final_state=True),
+    ),
+    "fused_mul_recurrent_rwkv7": (  # RWKV's (kk, a); scale 1.0 by default
+        lambda: F.fused_mul_recurrent_rwkv7(q, gk, k, v, kk, u, **_common),
+        lambda: _ohf(
+            R.dplr(
+                _hf32(q * K**0.5),
+                _hf32(k),
+                _hf32(v),
+                _hf32(a),
+                _hf32(b),
+                _hf32(gk),
+                initial_state=_t(h0).float(),
+            )
+        ),
+        lambda: N.rwkv7(q, k, v, gk, kk, u, scale=1.0, **_common),
     ),
     "chunk_kda": (
         lambda: F.chunk_kda(q, k, v, gk, beta, use_qk_l2norm_in_kernel=True, **_common),
@@ -637,6 +673,8 @@ def test_matches_fla_naive(name: str) -> None:
 def _fla_function(name: str) -> Callable[..., Any]:
     if name == "chunk_gated_delta_product":
         return importlib.import_module("fla.ops.gated_delta_product").chunk_gated_delta_product
+    if name == "fused_mul_recurrent_rwkv7":
+        return importlib.import_module("fla.ops.rwkv7").fused_mul_recurrent_rwkv7
     return getattr(FLA, name)
 
 
@@ -821,9 +859,11 @@ if sys.argv[1] == "fla":
     # the interpreter cannot time a kernel's configurations: each kernel runs its first one
     autotuner.Autotuner.prune_configs = lambda self, kwargs: _prune(self, kwargs)[:1]
     import fla.ops as ops
+    from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
     arr, f32 = torch.from_numpy, lambda x: x.float()
 else:
     import fastweights.fla as ops
+    from fastweights.fla import fused_mul_recurrent_rwkv7
     arr, f32 = np.asarray, lambda x: x.astype(np.float32)
 x = {n: arr(a) for n, a in np.load(sys.argv[2]).items()}
 globals().update(x)
@@ -839,7 +879,7 @@ put("gdn", ops.fused_recurrent_gated_delta_rule(
     use_qk_l2norm_in_kernel=True))
 put("gdn_default_beta", ops.fused_recurrent_gated_delta_rule(
     q, k, v, g, scale=0.5, output_final_state=True, use_qk_l2norm_in_kernel=True))
-put("gdn_gk", ops.fused_recurrent_gated_delta_rule(
+put("gdn_gk", ops.fused_recurrent_gdn(
     qn, kn, v, gk=gk, beta=beta, output_final_state=True))
 put("gdn_gate_in_kernel", ops.fused_recurrent_gated_delta_rule(
     qn, kn, v, g_raw, beta=beta_raw, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
@@ -864,6 +904,8 @@ put("dplr", ops.fused_recurrent_dplr_delta_rule(
     q, k, v, a, b, gk, initial_state=h0, output_final_state=True))
 put("iplr", ops.fused_recurrent_iplr_delta_rule(q, k, v, a, b, output_final_state=True))
 put("rwkv7", ops.fused_recurrent_rwkv7(q, gk, k, v, a, b, initial_state=h0))
+put("rwkv7_mul_reverse", fused_mul_recurrent_rwkv7(
+    q, gk, k, v, kk, u, initial_state=h0, output_final_state=True, reverse=True))
 put("linear", ops.fused_recurrent_linear_attn(q, k, v, initial_state=h0, output_final_state=True))
 put("linear_normalized", ops.fused_recurrent_linear_attn(
     qp, kp, v, output_final_state=True, normalize=True))
@@ -887,6 +929,7 @@ def test_fla_kernels_under_triton_interpreter(tmp_path: Any) -> None:
     script.write_text(textwrap.dedent(_SCRIPT))
     np.savez(
         tmp_path / "in.npz", q=q, k=k, qn=qn, kn=kn, v=v, g=g, gk=gk, beta=beta, h0=h0, a=a, b=b,
+        kk=kk, u=u,
         g_raw=g_raw, beta_raw=beta_raw, gk_raw=gk_raw, A_log=A_log, dt_bias=dt_bias,
         dt_bias_k=dt_bias_k, g_gamma=g_gamma, qp=qp, kp=kp, cu=np.array([0, 5, T]),
         h0p=0.1 * np.random.default_rng(3).standard_normal((2, H, K, V)),
