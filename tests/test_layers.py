@@ -188,6 +188,24 @@ def test_step_width_one_and_no_indices(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_sizes(backend):
+    for B, T, D, W in [(0, 5, 3, 4), (2, 0, 3, 4), (2, 5, 0, 4), (1, 0, 3, 1)]:
+        state = data(0, B, D, W - 1)
+        y, final = layers.short_conv(
+            data(1, B, T, D), data(2, D, W), initial_state=state, output_final_state=True,
+            backend=backend,
+        )  # fmt: skip
+        assert y.shape == (B, T, D) and final.shape == (B, D, W - 1)
+        np.testing.assert_array_equal(final, state)  # nothing read: the state passes through
+    pool = data(3, 2, 3, 2)
+    y, _ = layers.short_conv_step(
+        data(4, 0, 3), data(5, 3, 3), pool, state_indices=np.zeros(0, int), backend=backend
+    )
+    assert y.shape == (0, 3)
+    np.testing.assert_array_equal(pool, data(3, 2, 3, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dtypes(backend):
     x16 = data(0, 1, 9, 4).astype(np.float16)
     w = data(1, 4, 3)

@@ -11,7 +11,12 @@ each kernel runs in parallel over rows:
 - :func:`final_state_kernel`: one task per sequence, its last ``W - 1`` inputs.
 - :func:`step_kernel`: one task per batch row, reading and shifting its row of the pool (any
   strides, float32 or float64, whatever the compute dtype).
-- :func:`gate_kernel`: one task per row ``[H, K]`` of the gate.
+- :func:`gate_kernel`: tasks of whole rows ``[H, K]``, about :data:`GATE_TASK` elements,
+  computed in float64 through the vector ``exp`` of :mod:`._math` and a series for
+  ``log1p`` of ``(0, 1]`` (LLVM vectorises neither ``math.exp`` nor ``math.log1p``).
+
+The SiLU of the convolution goes through the same ``exp``. Launches of little work stay on
+one thread (:data:`MIN_WORK`).
 
 Every index is in range by construction for every shape the validation accepts (empty
 sequences, ``W = 1``, ``D = 0`` and zero-size batches included); the checked build
@@ -211,33 +216,43 @@ def gate_kernel(
     rows_per_task: int,
     out: Array,
 ) -> None:
-    """``out [1, 1, R, n]`` from ``a [1, 1, R, n]``, ``rate [n]`` (``exp(A_log)`` of each
-    element's head) and ``bias [n]``, in float64 vector code, ``z = a + bias``: ``kind`` 0
-    ``-rate softplus(z)`` (``softplus(z) = max(z, 0) + log1p(exp(-|z|))``), 1 ``constant
-    sigmoid(rate z)``, 2 ``constant sigmoid(z)``; ``rows_per_task`` rows per task."""
+    """``out [1, 1, R, n]`` from ``a [1, 1, R, n]``, ``rate`` (``exp(A_log)`` of each
+    element's head) and ``bias``, both ``[1, 1, 1, n]``, in float64 vector code, with ``z = a +
+    bias``: ``kind`` 0 ``-rate softplus(z)`` (``softplus(z) = max(z, 0) + log1p(exp(-|z|))``),
+    1 ``constant sigmoid(rate z)``, 2 ``constant sigmoid(z)``. A task's ``rows_per_task`` rows
+    go through the vector ``exp`` of :mod:`._math` as one vector."""
     R, n = a.shape[2], a.shape[3]
     for task in prange((R + rows_per_task - 1) // rows_per_task):
-        u = np.empty(n)
-        t = np.empty(n)
-        e = np.empty(n)
-        red = np.empty(n)
-        for r in range(task * rows_per_task, min(R, (task + 1) * rows_per_task)):
+        r0 = task * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        m = (r1 - r0) * n  # the task's rows as one vector, for the exp
+        u = np.empty(m)
+        t = np.empty(m)
+        e = np.empty(m)
+        red = np.empty(m)
+        rt = row(rate, 0, 0, 0, 0)
+        bs = row(bias, 0, 0, 0, 0)
+        for r in range(r0, r1):
             ar = row(a, 0, 0, r, 0)
-            orow = row(out, 0, 0, r, 0)
+            base = (r - r0) * n
             for i in range(n):
-                z = np.float64(ar[i]) + bias[i]
-                z = rate[i] * z if kind == 1 else z
-                u[i] = z
-                t[i] = -abs(z)
-            exp_f64(t, e, e.view(np.int64), red)
+                z = np.float64(ar[i]) + bs[i]
+                z = rt[i] * z if kind == 1 else z
+                u[base + i] = z
+                t[base + i] = -abs(z)
+        exp_f64(t, e, e.view(np.int64), red)
+        for r in range(r0, r1):
+            orow = row(out, 0, 0, r, 0)
+            base = (r - r0) * n
             if kind == 0:
                 for i in range(n):
-                    z = u[i]
-                    orow[i] = -rate[i] * (_log1p_unit(e[i]) + (z if z > 0.0 else 0.0))
+                    z = u[base + i]
+                    sp = _log1p_unit(e[base + i]) + (z if z > 0.0 else 0.0)
+                    orow[i] = -rt[i] * sp
             else:
                 for i in range(n):
-                    inv = 1.0 / (1.0 + e[i])
-                    orow[i] = constant * (inv if u[i] >= 0.0 else e[i] * inv)
+                    inv = 1.0 / (1.0 + e[base + i])
+                    orow[i] = constant * (inv if u[base + i] >= 0.0 else e[base + i] * inv)
 
 
 GATE_TASK = 1 << 14
@@ -353,14 +368,17 @@ def gate(
     n = H * K
     a2 = as_rows(np.asarray(a, dtype=dt).reshape(R, n), dt)[None, None]
     if A_log is None:
-        rate = np.ones(n)
+        rate = np.ones((1, 1, 1, n))
     else:
-        rate = np.repeat(np.exp(np.asarray(A_log, dtype=np.float64)), K)
-    bias = np.zeros(n) if dt_bias is None else np.asarray(dt_bias, dtype=np.float64).reshape(n)
+        rate = np.repeat(np.exp(np.asarray(A_log, dtype=np.float64)), K).reshape(1, 1, 1, n)
+    if dt_bias is None:
+        bias = np.zeros((1, 1, 1, n))
+    else:
+        bias = np.ascontiguousarray(np.asarray(dt_bias, dtype=np.float64).reshape(1, 1, 1, n))
     out = np.empty((1, 1, R, n), dtype=dt)
     rows_per_task = max(1, GATE_TASK // max(n, 1))
     tasks = -(-R // rows_per_task)
-    with launch(_threads(R * n * 8, tasks)):
+    with launch(_threads(R * n, tasks)):
         call_kernel(gate_kernel, a2, rate, bias, kind, constant, rows_per_task, out)
     return out.reshape(shape)
 
