@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--repeats", type=int, default=5, help="timed calls per measurement (default 5)"
     )
+    bench.add_argument(
+        "--max-time",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="fewer timed calls (at least one) once a cell's have taken this long (default 30)",
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     bench.add_argument(
         "--plot", metavar="FILE", help="also draw the rates (needs matplotlib: the plot extra)"
@@ -342,6 +349,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     shapes = args.shapes or [(1, length, heads, dim, dim)]
     if args.repeats < 1:
         return fail(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.max_time > 0:
+        return fail(f"--max-time must be positive, got {args.max_time}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder is not None and not os.path.isdir(folder):
@@ -354,7 +363,9 @@ def _run_bench(args: argparse.Namespace) -> int:
                 "--plot needs matplotlib, which is not installed: pip install matplotlib "
                 '(or pip install ".[plot]" in a checkout of the repository)'
             )
-    return _bench.main(ops, backends, shapes, args.repeats, args.json, args.plot)
+    return _bench.main(
+        ops, backends, shapes, args.repeats, args.json, args.plot, max_time=args.max_time
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -220,10 +220,13 @@ Shape = tuple[int, int, int, int, int]
 """``(B, T, H, K, V)``."""
 
 
-def timings(fn: Callable[[], Any], xp: Any = np, repeat: int = 5) -> list[float]:
-    """Wall times in seconds of ``repeat`` consecutive calls, device work included."""
-    out = []
-    for _ in range(repeat):
+def timings(
+    fn: Callable[[], Any], xp: Any = np, repeat: int = 5, budget: float = float("inf")
+) -> list[float]:
+    """Wall times in seconds of ``repeat`` consecutive calls, device work included; fewer (at
+    least one) once the calls have taken ``budget`` seconds in all."""
+    out: list[float] = []
+    while len(out) < repeat and (not out or sum(out) < budget):
         start = time.perf_counter()
         fn()
         synchronize(xp)
@@ -406,7 +409,8 @@ def _shape_text(shape: Shape) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g}"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def _duration(seconds: float) -> str:
@@ -476,6 +480,7 @@ def run_bench(
     shapes: Sequence[Shape] = ((1, 2048, 4, 128, 128),),
     repeats: int = 5,
     *,
+    max_time: float = 30.0,
     pause: float | None = None,
     progress: Any = True,
 ) -> dict[str, Any]:
@@ -483,7 +488,8 @@ def run_bench(
     float32, ``form="auto"``; return the report that ``--json`` writes.
 
     Each measurement is one untimed first call (compilation, caches), then ``repeats`` timed
-    calls; the report keeps every sample with its median, min, max and quartiles. The matmul
+    calls, or fewer (at least one) once they have taken ``max_time`` seconds; the report keeps
+    every sample with its median, min, max and quartiles. The matmul
     rate is measured first and again last, each after a pause of ``pause`` seconds (default
     :data:`BLAS_SPIN`), and every measurement starts after the same pause, so that OpenBLAS's
     spinning threads do not share the cores with it. A line per measurement goes to
@@ -524,7 +530,7 @@ def run_bench(
         numpy_loop_gated_delta_rule(*args)
         first = time.perf_counter() - start
         secs = Spread.of(
-            timings(functools.partial(numpy_loop_gated_delta_rule, *args), np, repeats)
+            timings(functools.partial(numpy_loop_gated_delta_rule, *args), np, repeats, max_time)
         )
         loops[shape] = Measurement(
             "gated_delta_rule", "numpy-loop", shape, first, secs,
@@ -536,7 +542,7 @@ def run_bench(
                 continue
             label = f"{op} / {backend}  {_shape_text(shape)}"
             bar.start(label)
-            m = _measure(op, backend, shape, xp, repeats, pause)
+            m = _measure(op, backend, shape, xp, repeats, pause, max_time)
             if isinstance(m, str):
                 skipped.append({"op": op, "backend": backend, "reason": m})
                 bar.end(label, f"skipped: {m}")
@@ -557,6 +563,7 @@ def run_bench(
             "backends": list(backends),
             "shapes": [dict(zip("BTHKV", s, strict=True)) for s in shapes],
             "repeats": repeats,
+            "max_time_s": max_time,
             "dtype": "float32",
             "form": "auto",
             "pause_s": pause,
@@ -579,15 +586,16 @@ def run_bench(
 
 
 def _result_text(seconds: Spread, first: float | None = None) -> str:
+    n = len(seconds.samples)
     text = (
-        f"{_ms(seconds.median)} ms median ({_ms(seconds.min)}-{_ms(seconds.max)} ms, "
-        f"{len(seconds.samples)} calls)"
+        f"{_duration(seconds.median)} median ({_duration(seconds.min)}-"
+        f"{_duration(seconds.max)}, {n} call{'s' if n > 1 else ''})"
     )
     return text if first is None else f"{text}, first call {_duration(first)}"
 
 
 def _measure(
-    op: str, backend: str, shape: Shape, xp: Any, repeats: int, pause: float
+    op: str, backend: str, shape: Shape, xp: Any, repeats: int, pause: float, max_time: float
 ) -> Measurement | str:
     """One cell, or the reason it could not run."""
     B, T, H, K, V = shape
@@ -604,7 +612,7 @@ def _measure(
     except (TypeError, ValueError, NotImplementedError) as exc:
         return f"{type(exc).__name__}: {exc}"
     first = time.perf_counter() - start
-    seconds = Spread.of(timings(call, xp, repeats))
+    seconds = Spread.of(timings(call, xp, repeats, max_time))
     flops = flops_per_token(op, H, K, V) * B * T
     return Measurement(op, backend, shape, first, seconds, flops, B * T)
 
@@ -667,8 +675,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"memory copy {cfg['copy_bytes'] / 2**20:g} MiB: {cp['median']:.1f} GB/s median "
         f"({cp['min']:.1f}-{cp['max']:.1f})",
         f"float32, form='auto', per cell: one untimed first call, then the median of "
-        f"{cfg['repeats']} calls (min-max); GFLOP/s counts the recurrent pass's work "
-        "(6*K*V per token and head for the delta rule)",
+        f"{cfg['repeats']} calls (fewer past {cfg['max_time_s']:g} s; min-max); GFLOP/s counts "
+        "the recurrent pass's work (6*K*V per token and head for the delta rule)",
     ]
     head = (
         f"{'op / backend':34s} {'median ms':>10s} {'min-max ms':>17s} {'tokens/s':>11s} "
@@ -746,13 +754,14 @@ def main(
     json_path: str | None = None,
     plot_path: str | None = None,
     *,
+    max_time: float = 30.0,
     pause: float | None = None,
 ) -> int:
     """Run :func:`run_bench` with progress on stderr, print :func:`format_report`, and write
     the JSON report and the figure where asked; the body of ``python -m fastweights bench``."""
     import json
 
-    report = run_bench(ops, backends, shapes, repeats, pause=pause)
+    report = run_bench(ops, backends, shapes, repeats, max_time=max_time, pause=pause)
     print(format_report(report))
     if json_path is not None:
         with open(json_path, "w", encoding="utf-8") as f:

@@ -134,6 +134,7 @@ def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys, tmp
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--shapes", "1,8,1,4", "--length", "8"], "either --shapes or --length"),
         (["--dim", "0"], "--dim must be at least 1"),
+        (["--max-time", "0"], "--max-time must be positive"),
         (["--json", "/no/such/folder/r.json"], "--json /no/such/folder/r.json: the folder"),
     ],
 )
@@ -197,3 +198,20 @@ def test_busy_machine_note():
     text = "\n".join(_bench.notes(report))
     assert "busy" in text and "3.00 on 2 cores" in text
     assert "moved from 100.0 to 50.0" in text
+
+
+def test_timings_stop_at_the_budget():
+    calls = []
+    assert len(_bench.timings(lambda: calls.append(1), repeat=5)) == 5
+    assert len(_bench.timings(lambda: calls.append(1), repeat=5, budget=0.0)) == 1
+    assert len(calls) == 6
+
+
+def test_max_time_limits_the_repeats(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    argv = ["bench", "--ops", "gla", "--backends", "reference", "--shapes", "1,8,1,4"]
+    assert main([*argv, "--repeats", "4", "--max-time", "1e-9", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["max_time_s"] == 1e-9
+    assert len(report["results"][0]["seconds"]["samples"]) == 1
+    assert "1 call)" in capsys.readouterr().err
