@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ._interop import Twins
 from ._validate import Call
 
 ENTRY_POINT_GROUP = "fastweights.backends"
@@ -231,7 +232,7 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
-def _can_run(b: Backend, call: Call) -> str | None:
+def _can_run(b: Backend, call: Call, *, arrays: bool = True) -> str | None:
     reason = b.unavailable()
     if reason:
         return reason
@@ -240,7 +241,23 @@ def _can_run(b: Backend, call: Call) -> str | None:
         return f"it does not implement {'decoding for ' if call.is_step else ''}{call.op}"
     if not call.is_step and call.form != "auto" and call.form not in b.ops[call.op]:
         return f"it does not implement form={call.form!r} for {call.op}"
-    return b.rejects(call)
+    return b.rejects(call) if arrays else None
+
+
+def _runnable(b: Backend, call: Call, twins: Twins) -> tuple[Backend | None, str]:
+    """``b`` if it runs ``call``; else a bridge running the call's NumPy twin (CPU torch
+    tensors as NumPy views, bfloat16 as float32: :mod:`._interop`) if ``b`` runs that; else
+    None and why not."""
+    reason = _can_run(b, call, arrays=False)
+    if reason:
+        return None, reason
+    reason = b.rejects(call)
+    if reason is None:
+        return b, ""
+    bridge, why = twins.bridge(b)
+    if bridge is not None:
+        return bridge, ""
+    return None, f"{reason}; {why}" if why else reason
 
 
 def _choose(call: Call, requested: str | None) -> tuple[Backend, dict[str, str]]:
@@ -250,11 +267,11 @@ def _choose(call: Call, requested: str | None) -> tuple[Backend, dict[str, str]]
         if not isinstance(explicit, str):
             raise TypeError(f"backend must be a backend name (str), got {type(explicit).__name__}")
         b = get_backend(explicit)
-        reason = _can_run(b, call)
-        if reason:
+        chosen, reason = _runnable(b, call, Twins(call))
+        if chosen is None:
             what = call.op if call.called in ("", call.op) else f"{call.called} ({call.op})"
             raise TypeError(f"backend {explicit!r} cannot run this {what} call: {reason}")
-        return b, {}
+        return chosen, {}
     backends = _load()
     order = sorted(backends.values(), key=lambda b: -b.priority)
     preferred = os.environ.get(ENV_VAR)
@@ -269,10 +286,11 @@ def _choose(call: Call, requested: str | None) -> tuple[Backend, dict[str, str]]
                 stacklevel=5,
             )
     passed: dict[str, str] = {}
+    twins = Twins(call)
     for b in order:
-        reason = _can_run(b, call)
-        if reason is None:
-            return b, passed
+        chosen, reason = _runnable(b, call, twins)
+        if chosen is not None:
+            return chosen, passed
         passed[b.name] = reason
     raise TypeError(f"no backend can run this {call.op} call")  # reference accepts all
 

@@ -18,6 +18,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._interop import is_bfloat16
 from ._ops import ARG_NAMES, FAMILIES, RULES, Rule
 from ._pool import gather_rows
 from .rules._rule import dims_of, step_shape
@@ -172,9 +173,12 @@ def _is_wide(name: str, x: Any, xp: ModuleType) -> bool:
 
     By size and kind, not by dtype equality: big-endian ``'>f8'`` is float64 and
     ``longdouble`` computes in float64 (no backend computes in extended precision).
+    bfloat16 (``ml_dtypes`` in NumPy, torch, JAX) computes in float32, as float16 does.
     """
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
+            if is_bfloat16(x.dtype):  # ml_dtypes.bfloat16 (kind 'V')
+                return False
             raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
         return x.dtype.itemsize > 4
     if not xp.isdtype(x.dtype, "real floating"):
