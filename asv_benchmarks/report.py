@@ -1,4 +1,4 @@
-"""Turn the newest asv results of this machine into ``docs/performance.md`` and its plot.
+"""Turn the newest asv results of this machine into ``docs/performance.md`` and its plots.
 
 Usage (from ``asv_benchmarks/``, after a run that saved results)::
 
@@ -14,6 +14,8 @@ import argparse
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "–" if math.isnan(x) else f"{x:,.{digits}f}"
 
 
-def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None) -> str:
+def write_page(data: dict[str, Any], machine: dict[str, Any]) -> str:
     peak = table(data, "limits.MachineLimits.track_matmul_gflops").get(("numpy",), math.nan)
     copy = table(data, "limits.MachineLimits.track_copy_gbs").get(("numpy",), math.nan)
     gflops = table(data, "prefill.Prefill.track_gflops")
@@ -80,6 +82,9 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
         lines += [
             f"## Prefill, B=1, T={T}, H=4, K=V={D}, float32",
             "",
+            "<details>",
+            "<summary>Table: every op, backend and form</summary>",
+            "",
             "| op | backend | form | tokens/s | GFLOP/s | % of matmul |",
             "|---|---|---|---:|---:|---:|",
         ]
@@ -96,10 +101,15 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
             f"| gated_delta_rule | plain NumPy loop | – | – | {_fmt(base, 2)} | "
             f"{_fmt(100 * base / peak)}% |",
             "",
+            "</details>",
+            "",
         ]
     if step:
         lines += [
             "## Decoding, one token, H=16, K=V=128, float32 state pool",
+            "",
+            "<details>",
+            "<summary>Table: every op, backend and batch size</summary>",
             "",
             "| op | backend | B | µs per step (one sample) "
             "| NumPy copy of the pool / step (>1: step faster) |",
@@ -110,9 +120,7 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
                 continue
             frac = step_copy.get((op, backend, B), math.nan)
             lines.append(f"| {op} | {backend} | {B} | {_fmt(1e6 * seconds)} | {_fmt(frac, 2)} |")
-        lines.append("")
-    if plot is not None:
-        lines += [f"![prefill rates]({plot.relative_to(DOCS).as_posix()})", ""]
+        lines += ["", "</details>", ""]
     lines += [
         "## Reproduce",
         "",
@@ -122,7 +130,7 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
         "asv machine --yes",
         'asv run --python=same --quick --bench "track_|time_step" '
         "--set-commit-hash $(git rev-parse HEAD)",
-        "python report.py                 # rewrites this page and its plot",
+        "python report.py                 # rewrites this page and its plots",
         "asv run main^!                   # or build a commit in asv's own environment",
         "asv continuous main HEAD         # compare two commits",
         "asv publish && asv preview       # the HTML report",
@@ -132,34 +140,15 @@ def write_page(data: dict[str, Any], machine: dict[str, Any], plot: Path | None)
     return "\n".join(lines)
 
 
-def draw(data: dict[str, Any], path: Path) -> bool:
+def draw() -> None:
+    """The page's plots and figure captions, drawn from the tables just written."""
+    script = DOCS / "_static" / "make_performance_plots.py"
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        return False
-    peak = table(data, "limits.MachineLimits.track_matmul_gflops").get(("numpy",), math.nan)
-    gflops = table(data, "prefill.Prefill.track_gflops")
-    tokens = table(data, "prefill.Prefill.track_tokens_per_second")
-    keys = [k for k in gflops if k[2] == "auto" and k[3:] == ("8192", "128")]
-    keys = [k for k in keys if not math.isnan(gflops[k])]
-    if not keys:
-        return False
-    labels = [f"{op}\n{backend}" for op, backend, *_ in keys]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(keys) * 0.8), 7), sharex=True)
-    ax1.bar(labels, [tokens[k] for k in keys], color="tab:blue")
-    ax1.set_ylabel("tokens/s")
-    ax1.set_yscale("log")
-    ax2.bar(labels, [100 * gflops[k] / peak for k in keys], color="tab:orange")
-    ax2.set_ylabel("% of float32 matmul rate")
-    ax2.tick_params(axis="x", labelrotation=90, labelsize=8)
-    fig.suptitle("Prefill, B=1, T=8192, H=4, K=V=128, float32, form='auto'")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return True
+        print(f"matplotlib missing: the page has no plots; run {script} once it is installed")
+        return
+    subprocess.run([sys.executable, str(script)], check=True)
 
 
 def main() -> None:
@@ -168,10 +157,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DOCS / "performance.md")
     args = parser.parse_args()
     data, machine = newest_results(args.results)
-    plot = DOCS / "_static" / "performance.png"
-    page = write_page(data, machine, plot if draw(data, plot) else None)
-    args.out.write_text(page)
+    args.out.write_text(write_page(data, machine))
     print(f"wrote {args.out}")
+    if args.out.resolve() == (DOCS / "performance.md").resolve():
+        draw()
 
 
 if __name__ == "__main__":

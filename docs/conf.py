@@ -8,13 +8,41 @@ Build (warnings are errors, as in CI)::
 
 Pages are Markdown (MyST). Their examples are ``{doctest}`` blocks, run by the doctest builder
 together with every ``>>>`` example of the API reference's docstrings.
+
+Math works offline. The site must read the same opened from disk with no network (a wheel's
+docs, an air-gapped cluster), so the math renderer ships with it instead of coming from a CDN
+(Sphinx's default ``mathjax_path`` is ``cdn.jsdelivr.net/npm/mathjax@4``: without a network every
+rule page shows raw ``\\[\\begin{split}...``). We use that same MathJax 4, from the npm registry,
+pinned with its lock file in ``docs/_mathjax/``, installed once with::
+
+    npm ci --prefix docs/_mathjax
+
+and copied by :func:`_copy_mathjax` into ``_static/mathjax`` of every HTML build, with
+``mathjax_path`` pointing there. Why this and not the alternatives:
+
+- the npm package is the very one the CDN serves (and MathJax's own docs install it so for
+  offline use), so the pages render exactly as with Sphinx's default, minus the network;
+- vendoring MathJax into git: megabytes of minified third-party code in the history, updated by
+  hand; the lock file pins the same bytes (with their integrity hashes) in 1 kB;
+- ``sphinx-mathjax-offline`` (PyPI): one 2022 release, MathJax 3.2.2, 24 MB unpacked, unmaintained;
+  ``sphinxcontrib-katex``: maintained, but loads KaTeX from a CDN too unless its files are fetched
+  from npm anyway, and KaTeX renders a subset of LaTeX, while the pages are written and checked
+  against MathJax;
+- the SVG output (``tex-mml-svg.js``), not the CHTML default: it needs no web fonts, which
+  Firefox refuses to load from ``file://`` pages; glyphs come as scripts, which every browser loads.
+
+An HTML build without the npm files fails at once, naming the command above (a site silently
+falling back to the CDN is what this replaces). ``.ci/check-docs-offline`` opens the built pages in
+headless Chromium with the network cut and fails on any raw LaTeX left.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # The docs describe the installed package; from a bare checkout, use the source tree.
@@ -43,7 +71,7 @@ extensions = [
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "examples/**/README.md", "examples/**/.pytest_cache"]
+exclude_patterns = ["_build", "_mathjax", "examples/**/README.md", "examples/**/.pytest_cache"]
 nitpicky = False
 
 # -- MyST ------------------------------------------------------------------------------------
@@ -100,3 +128,70 @@ html_theme_options = {
 }
 html_context = {"default_mode": "light"}
 html_show_sourcelink = False
+
+# -- math, offline (see the module docstring) ------------------------------------------------
+MATHJAX_NPM = Path(__file__).resolve().parent / "_mathjax" / "node_modules"
+# What the pages load, relative to the build's _static/: the MathJax component directory, and
+# beside it the font package (tex-mml-svg.js looks for it at [mathjax]/../@mathjax by the
+# loader path below).
+mathjax_path = "mathjax/tex-mml-svg.js"
+mathjax4_config = {
+    "loader": {"paths": {"fonts": "[mathjax]/../mathjax-fonts"}},
+    # The speech and braille generators run in a web worker, which browsers refuse on file://
+    # pages; the rendered math, its menu and the assistive MathML stay.
+    "options": {"menuOptions": {"settings": {"enrich": False, "speech": False, "braille": False}}},
+}
+_MATHJAX_COPIES = {  # node_modules path -> _static path
+    "mathjax": "mathjax",
+    "@mathjax/mathjax-newcm-font": "mathjax-fonts/mathjax-newcm-font",
+}
+# Parts of the npm packages no page loads (other outputs' bundles, the font's module sources).
+_MATHJAX_SKIP = shutil.ignore_patterns(
+    "*.md",
+    "*.mjs",
+    "*.cjs",
+    "*.mts",
+    "cjs",
+    "mjs",
+    "tsconfig*",
+    "def",
+    "examples",
+    "chtml",
+    "chtml.js",
+    "*chtml*.js",
+    "mml-svg*.js",
+    "tex-svg*.js",
+    "tex-mml-svg-*.js",
+    "node-main*",
+)
+
+
+def _check_mathjax(app: Any) -> None:
+    if app.builder.format != "html":
+        return
+    if (
+        not (MATHJAX_NPM / "mathjax" / "tex-mml-svg.js").is_file()
+        or not (MATHJAX_NPM / "@mathjax" / "mathjax-newcm-font" / "svg.js").is_file()
+    ):
+        from sphinx.errors import ConfigError
+
+        raise ConfigError(
+            f"MathJax is not installed under {MATHJAX_NPM}; the HTML docs ship it so that math "
+            "renders offline. Run: npm ci --prefix docs/_mathjax"
+        )
+
+
+def _copy_mathjax(app: Any, exception: BaseException | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    static = Path(app.outdir) / "_static"
+    for source, target in _MATHJAX_COPIES.items():
+        shutil.copytree(
+            MATHJAX_NPM / source, static / target, ignore=_MATHJAX_SKIP, dirs_exist_ok=True
+        )
+
+
+def setup(app: Any) -> dict[str, bool]:
+    app.connect("builder-inited", _check_mathjax)
+    app.connect("build-finished", _copy_mathjax)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
