@@ -31,8 +31,9 @@ and copied by :func:`_copy_mathjax` into ``_static/mathjax`` of every HTML build
 - the SVG output (``tex-mml-svg.js``), not the CHTML default: it needs no web fonts, which
   Firefox refuses to load from ``file://`` pages; glyphs come as scripts, which every browser loads.
 
-An HTML build without the npm files fails at once, naming the command above (a site silently
-falling back to the CDN is what this replaces). ``.ci/check-docs-offline`` opens the built pages in
+An HTML build without the npm files runs that command itself (the registry is needed then, as
+for ``pip install``) and stops at once, naming it, when npm is missing or fails: it never
+falls back to the CDN silently. ``.ci/check-docs-offline`` opens the built pages in
 headless Chromium with the network cut and fails on any raw LaTeX left.
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,19 +168,32 @@ _MATHJAX_SKIP = shutil.ignore_patterns(
 )
 
 
-def _check_mathjax(app: Any) -> None:
-    if app.builder.format != "html":
-        return
-    if (
-        not (MATHJAX_NPM / "mathjax" / "tex-mml-svg.js").is_file()
-        or not (MATHJAX_NPM / "@mathjax" / "mathjax-newcm-font" / "svg.js").is_file()
-    ):
-        from sphinx.errors import ConfigError
+def _mathjax_installed() -> bool:
+    return (MATHJAX_NPM / "mathjax" / "tex-mml-svg.js").is_file() and (
+        MATHJAX_NPM / "@mathjax" / "mathjax-newcm-font" / "svg.js"
+    ).is_file()
 
-        raise ConfigError(
-            f"MathJax is not installed under {MATHJAX_NPM}; the HTML docs ship it so that math "
-            "renders offline. Run: npm ci --prefix docs/_mathjax"
-        )
+
+def _check_mathjax(app: Any) -> None:
+    """Before an HTML build: the pinned MathJax is there, or ``npm ci`` installs it, or we stop."""
+    if app.builder.format != "html" or _mathjax_installed():
+        return
+    from sphinx.errors import ConfigError
+    from sphinx.util import logging
+
+    command = ["npm", "ci", "--prefix", str(MATHJAX_NPM.parent), "--no-audit", "--no-fund"]
+    if shutil.which("npm"):
+        logging.getLogger(__name__).info("MathJax missing; running %s", " ".join(command))
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        if run.returncode == 0 and _mathjax_installed():
+            return
+        detail = f"`{' '.join(command)}` failed ({run.returncode}): {run.stderr[-500:]}"
+    else:
+        detail = "npm is not installed (Debian: apt-get install npm)"
+    raise ConfigError(
+        f"MathJax is not installed under {MATHJAX_NPM}: the HTML docs ship it so that math renders "
+        f"offline; {detail}. Install it with: npm ci --prefix docs/_mathjax"
+    )
 
 
 def _copy_mathjax(app: Any, exception: BaseException | None) -> None:
