@@ -181,7 +181,7 @@ def _is_wide(name: str, x: Any, xp: ModuleType) -> bool:
                 return False
             raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
         return x.dtype.itemsize > 4
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not xp.isdtype(x.dtype, "real floating") and not is_bfloat16(x.dtype):  # Dask of ml_dtypes
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
     return bool(x.dtype == xp.float64)
 

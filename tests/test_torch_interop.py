@@ -164,6 +164,21 @@ def test_numpy_and_jax_bfloat16(spy: list[Any]) -> None:
     np.testing.assert_allclose(np.asarray(fj), final, rtol=1e-3, atol=1e-3)
 
 
+def test_dask_of_bfloat16_blocks(spy: list[Any]) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    da = pytest.importorskip("dask.array")
+    call = random_call("gated_delta_rule", batch=2, length=6, heads=2, key_dim=4, value_dim=3)
+    bf = [call.arrays[n].astype(ml_dtypes.bfloat16) for n in ("q", "k", "v", "g", "beta")]
+    lazy = [da.from_array(x, chunks=(1, *x.shape[1:])) for x in bf]
+    o, final = fastweights.gated_delta_rule(*lazy, output_final_state=True)
+    assert o.dtype == ml_dtypes.bfloat16 and final.dtype == np.float32
+    o, final = o.compute(scheduler="synchronous"), final.compute(scheduler="synchronous")
+    assert spy  # the blocks ran on numba
+    expected = fastweights.gated_delta_rule(*bf, output_final_state=True)
+    np.testing.assert_array_equal(o.astype(np.float32), expected[0].astype(np.float32))
+    np.testing.assert_allclose(final, expected[1], rtol=1e-6, atol=1e-6)
+
+
 STEP_CASES = [
     ("gated_delta_rule", {}),
     ("linear_attn", {"normalize": True}),  # an (S, z) pair of pools
