@@ -85,7 +85,10 @@ def _run_cache(clear: bool) -> int:
 
     if clear:
         files, size = kc.clear_cache()
-        print(f"removed {files} files, {_mib(size)}, from {kc.cache_root() / 'numba'}")
+        print(
+            f"removed {files} files, {_mib(size)}, from {kc.cache_root() / 'numba'} "
+            f"and {kc.emulator_cache_dir()}"
+        )
         return 0
     usage = kc.cache_usage()
     current = usage["current"]
@@ -97,6 +100,11 @@ def _run_cache(clear: bool) -> int:
     print(
         f"all builds:   {len(usage['builds'])} folders, {total_files} files, "
         f"{_mib(total_size)}  (python -m fastweights cache --clear empties it)"
+    )
+    em_files, em_size = usage["emulator_usage"]
+    print(
+        f"CUDA emulator: {usage['emulator']}  ({em_files} files, {_mib(em_size)}; "
+        f"set {kc.EMULATOR_CACHE_ENV} to move it)"
     )
     return 0
 
@@ -203,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where compiled kernels are cached, and their size",
         description=(
             "Show the per-user folder of compiled numba kernels (FASTWEIGHTS_CACHE_DIR, else "
-            "the platform's cache directory) and its size, or empty it."
+            "the platform's cache directory) and the CUDA emulator's modules (its cudasim "
+            "folder, or CUDASIM_CACHE_DIR), with their sizes, or empty both."
         ),
     )
     cache.add_argument("--clear", action="store_true", help="delete every cached kernel")

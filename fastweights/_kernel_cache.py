@@ -10,11 +10,16 @@ Compiled numba kernels are cached in ``<root>/numba/<build>/``:
   Python versions and the build mode (checked or not, ``NUMBA_BOUNDSCHECK``), so a kernel
   compiled by other code or in another mode is never loaded.
 
+The CUDA emulator (``fastweights.backends.cupy.emulator``, used by the tests and by
+``FASTWEIGHTS_CUDA_EMULATE=1``) caches its compiled modules in ``<root>/cudasim/`` (each named
+by a hash of its source, compiler and flags) unless ``CUDASIM_CACHE_DIR`` moves them.
+
 Nothing here imports numba: ``python -m fastweights cache`` works without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -30,10 +35,12 @@ from typing import Any, TextIO
 __all__ = [
     "CACHE_ENV",
     "CHECKED_ENV",
+    "EMULATOR_CACHE_ENV",
     "WarmupItem",
     "cache_root",
     "cache_usage",
     "clear_cache",
+    "emulator_cache_dir",
     "kernel_cache_dir",
     "numba_build",
     "numba_checked",
@@ -42,6 +49,9 @@ __all__ = [
 
 CACHE_ENV = "FASTWEIGHTS_CACHE_DIR"
 """Environment variable that overrides the cache root."""
+
+EMULATOR_CACHE_ENV = "CUDASIM_CACHE_DIR"
+"""Environment variable that moves the CUDA emulator's compiled modules out of the root."""
 
 CHECKED_ENV = "FASTWEIGHTS_NUMBA_CHECKED"
 """Environment variable that selects the checked build of the numba kernels."""
@@ -174,6 +184,35 @@ def kernel_cache_dir(checked: bool | None = None) -> Path:
     return cache_root() / "numba" / numba_build(checked)
 
 
+def emulator_cache_dir() -> Path:
+    """The folder of the CUDA emulator's compiled modules: ``CUDASIM_CACHE_DIR`` when set,
+    else ``<root>/cudasim``.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import os
+    >>> from fastweights._kernel_cache import cache_root, emulator_cache_dir
+    >>> "CUDASIM_CACHE_DIR" in os.environ or emulator_cache_dir() == cache_root() / "cudasim"
+    True
+    """
+    env = os.environ.get(EMULATOR_CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser().absolute()
+    return cache_root() / "cudasim"
+
+
+def _emulator_modules(folder: Path) -> list[Path]:
+    """The emulator's compiled modules in ``folder`` (only files it writes: ``mod_*.so``)."""
+    try:
+        return sorted(p for p in folder.glob("mod_*.so") if p.is_file())
+    except OSError:
+        return []
+
+
 def _size(path: Path) -> tuple[int, int]:
     files = size = 0
     for dirpath, _, names in os.walk(path):
@@ -187,13 +226,15 @@ def _size(path: Path) -> tuple[int, int]:
 
 
 def cache_usage() -> dict[str, Any]:
-    """What the cache holds: its root, this build's folder, and files and bytes per build.
+    """What the cache holds: its root, this build's folder, files and bytes per build, and the
+    CUDA emulator's modules.
 
     Returns
     -------
     dict
-        ``root``, ``current`` (this build's folder) and ``builds``: ``{name: (files,
-        bytes)}`` for every build folder under ``<root>/numba``.
+        ``root``, ``current`` (this build's folder), ``builds``: ``{name: (files, bytes)}``
+        for every build folder under ``<root>/numba``, ``emulator`` (the emulator's folder,
+        :func:`emulator_cache_dir`) and ``emulator_usage``: its modules' ``(files, bytes)``.
     """
     root = cache_root()
     builds: dict[str, tuple[int, int]] = {}
@@ -202,24 +243,51 @@ def cache_usage() -> dict[str, Any]:
         for entry in sorted(folder.iterdir()):
             if entry.is_dir():
                 builds[entry.name] = _size(entry)
-    return {"root": root, "current": kernel_cache_dir(), "builds": builds}
+    emulator = emulator_cache_dir()
+    modules = _emulator_modules(emulator)
+    size = 0
+    for path in modules:
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+    return {
+        "root": root,
+        "current": kernel_cache_dir(),
+        "builds": builds,
+        "emulator": emulator,
+        "emulator_usage": (len(modules), size),
+    }
 
 
 def clear_cache() -> tuple[int, int]:
-    """Delete every compiled kernel under ``<root>/numba`` (all builds).
+    """Delete every compiled kernel: ``<root>/numba`` (all builds) and the CUDA emulator's
+    modules (:func:`emulator_cache_dir`).
 
-    Only the ``numba`` folder fastweights writes is removed, never the rest of the root.
+    Only what fastweights writes is removed: the ``numba`` folder and the emulator's
+    ``mod_*.so`` files (with their folder when it is ``<root>/cudasim`` and left empty), never
+    the rest of the root nor other files in a folder ``CUDASIM_CACHE_DIR`` names.
 
     Returns
     -------
     (files, bytes)
         What was removed.
     """
+    files = size = 0
     folder = cache_root() / "numba"
-    if not folder.is_dir():
-        return 0, 0
-    files, size = _size(folder)
-    shutil.rmtree(folder)
+    if folder.is_dir():
+        files, size = _size(folder)
+        shutil.rmtree(folder)
+    emulator = emulator_cache_dir()
+    for path in _emulator_modules(emulator):
+        try:
+            nbytes = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        files += 1
+        size += nbytes
+    if emulator == cache_root() / "cudasim":
+        with contextlib.suppress(OSError):
+            emulator.rmdir()  # only when empty
     return files, size
 
 

@@ -10,7 +10,8 @@ missing ``__syncthreads`` changes results) or as threads (``CUDASIM_MODE=threads
 argument types against the C++ signature, divergent barriers, partial-warp shuffles and
 deadlocks. Not emulated: implicit warp lock-step, inline PTX (kept behind ``__CUDA_ARCH__``),
 textures, cooperative grid sync. Compiled modules are cached in ``CUDASIM_CACHE_DIR`` (default
-``~/.cache/cudasim``); ``CUDASIM_CXX`` and ``CUDASIM_CXXFLAGS`` choose the compiler and flags.
+``cudasim/`` in fastweights' kernel cache, which ``python -m fastweights cache`` shows and
+``--clear`` empties); ``CUDASIM_CXX`` and ``CUDASIM_CXXFLAGS`` choose the compiler and flags.
 
 Sanitizers (the runtime must be preloaded into Python)::
 

@@ -15,8 +15,9 @@ and scalar types) more strictly than CuPy, which silently reinterprets bytes.
 
 Environment: ``CUDASIM_MODE=fiber|threads``, ``CUDASIM_CXX`` (default ``g++``),
 ``CUDASIM_CXXFLAGS`` (extra flags, e.g. ``-fsanitize=address``), ``CUDASIM_CACHE_DIR`` (default
-``~/.cache/cudasim``), ``CUDASIM_ORDER`` (default launch order: ``forward``, ``reverse``,
-``random``, ``roundrobin``) and ``CUDASIM_SEED`` (seed of the random order).
+``cudasim/`` in fastweights' kernel cache, see :func:`cache_dir`), ``CUDASIM_ORDER`` (default
+launch order: ``forward``, ``reverse``, ``random``, ``roundrobin``) and ``CUDASIM_SEED`` (seed
+of the random order).
 """
 
 from __future__ import annotations
@@ -243,11 +244,36 @@ class RawKernel:
             raise LaunchError(f"{self.name}: {err.value.decode()}")
 
 
+def cache_dir() -> Path:
+    """The folder of compiled modules: ``CUDASIM_CACHE_DIR`` when set, else ``cudasim/`` in
+    fastweights' per-user kernel cache (``FASTWEIGHTS_CACHE_DIR`` or the platform's cache
+    directory; ``python -m fastweights cache`` shows it and ``--clear`` empties it).
+
+    Modules are named by a hash of the translation unit, the shim, the compiler and its flags,
+    so one folder serves every kernel version and build mode.
+
+    Examples
+    --------
+    >>> import os
+    >>> from fastweights.backends.cupy.emulator.cudasim import cache_dir
+    >>> os.environ.get("CUDASIM_CACHE_DIR") is not None or cache_dir().name == "cudasim"
+    True
+    """
+    env = os.environ.get("CUDASIM_CACHE_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
+    try:
+        from fastweights._kernel_cache import emulator_cache_dir
+    except ImportError:  # the emulator copied out of fastweights
+        return Path.home() / ".cache" / "cudasim"
+    return emulator_cache_dir()
+
+
 class RawModule:
     """Like ``cupy.RawModule(code=..., options=..., name_expressions=...)``, on the CPU.
 
     Compiled lazily on the first :meth:`get_function`; the shared library is cached on disk
-    under ``CUDASIM_CACHE_DIR`` by a hash of the translation unit, compiler and flags.
+    in :func:`cache_dir` by a hash of the translation unit, compiler and flags.
     """
 
     def __init__(
@@ -311,8 +337,7 @@ class RawModule:
         flags += _cxx_flags_from_nvrtc(self.options) + self._extra
         tu = self._tu()
         key = hashlib.sha256("\0".join([tu, SHIM.read_text(), cxx, *flags]).encode())
-        default_cache = Path.home() / ".cache" / "cudasim"
-        cache = Path(os.environ.get("CUDASIM_CACHE_DIR", default_cache))
+        cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         so = cache / f"mod_{key.hexdigest()[:24]}.so"
         with _compile_lock:
