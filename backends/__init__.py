@@ -28,6 +28,7 @@ Examples
 """
 
 from fastweights._constants import L2NORM_EPS, NORMALIZE_EPS, SUB_BLOCK, cuda_defines, cuda_macros
+from fastweights._install import install_hint
 from fastweights._kernel_cache import kernel_cache_dir, numba_checked
 from fastweights._ops import FAMILIES, FORMS, OPS, RULES, Arg, Rule
 from fastweights._pool import gather_rows, write_rows
@@ -53,6 +54,7 @@ __all__ = [
     "dims_of",
     "gather_rows",
     "get_backend",
+    "install_hint",
     "kernel_cache_dir",
     "list_backends",
     "numba_checked",

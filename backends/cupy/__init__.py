@@ -21,8 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fastweights._install import install_hint
-from fastweights.backends import Call
+from fastweights.backends import Call, install_hint
 
 EMULATE_ENV = "FASTWEIGHTS_CUDA_EMULATE"
 _FLOATS = frozenset({"float16", "float32", "float64"})

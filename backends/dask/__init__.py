@@ -34,8 +34,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from fastweights._install import install_hint
-from fastweights.backends import OPS, Call
+from fastweights.backends import OPS, Call, install_hint
 
 
 class DaskBackend:

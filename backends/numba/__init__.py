@@ -18,8 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fastweights._install import install_hint
-from fastweights.backends import Call
+from fastweights.backends import Call, install_hint
 
 FIRST_WAVE = (
     "linear_attn",
