@@ -16,7 +16,8 @@ third-party plugin, and imports only what this module exports:
   :func:`cuda_defines` / :func:`cuda_macros` to pass them to CUDA sources;
 - helpers: :func:`gather_rows` / :func:`write_rows` (decoding pools of any namespace),
   :func:`to_host_ints` (integer array-likes of any namespace on the host), and the per-user
-  folder of compiled kernels (:func:`kernel_cache_dir`, :func:`numba_checked`);
+  folders of compiled kernels (:func:`kernel_cache_dir`, :func:`numba_checked`,
+  :func:`emulator_cache_dir`);
 - :data:`FAMILIES`, the rule families' packages (problem preparation and Array API forms),
   which the ``reference`` backend runs.
 
@@ -29,7 +30,7 @@ Examples
 
 from fastweights._constants import L2NORM_EPS, NORMALIZE_EPS, SUB_BLOCK, cuda_defines, cuda_macros
 from fastweights._install import install_hint
-from fastweights._kernel_cache import kernel_cache_dir, numba_checked
+from fastweights._kernel_cache import emulator_cache_dir, kernel_cache_dir, numba_checked
 from fastweights._ops import FAMILIES, FORMS, OPS, RULES, Arg, Rule
 from fastweights._pool import gather_rows, write_rows
 from fastweights._registry import Backend, BackendInfo, get_backend, list_backends
@@ -52,6 +53,7 @@ __all__ = [
     "cuda_defines",
     "cuda_macros",
     "dims_of",
+    "emulator_cache_dir",
     "gather_rows",
     "get_backend",
     "install_hint",

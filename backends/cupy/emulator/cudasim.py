@@ -263,7 +263,7 @@ def cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     try:
-        from fastweights._kernel_cache import emulator_cache_dir
+        from fastweights.backends import emulator_cache_dir
     except ImportError:  # the emulator copied out of fastweights
         return Path.home() / ".cache" / "cudasim"
     return emulator_cache_dir()
