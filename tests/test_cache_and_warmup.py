@@ -98,6 +98,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_no_cache_files_in_the_package_or_source_tree(compiled: dict[str, Any]) -> None:
     assert compiled["package_after"] == compiled["package_before"]
     where = Path(compiled["first"].stdout.split()[2])
@@ -105,6 +106,7 @@ def test_no_cache_files_in_the_package_or_source_tree(compiled: dict[str, Any]) 
     assert not any(where.is_relative_to(p) for p in _package_folders())
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_kernels_go_to_the_cache_folder_and_numba_cache_dir_keeps_users_functions(
     compiled: dict[str, Any],
 ) -> None:
@@ -118,6 +120,7 @@ def test_kernels_go_to_the_cache_folder_and_numba_cache_dir_keeps_users_function
     assert len(builds) == 1 and builds[0].name.startswith(f"fastweights-{fastweights.__version__}")
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_first_process_compiles_and_logs_second_loads(compiled: dict[str, Any]) -> None:
     first, second = compiled["first"], compiled["second"]
     assert first.stdout.split()[:2] == ["0", "1"]  # hits, misses
@@ -126,6 +129,7 @@ def test_first_process_compiles_and_logs_second_loads(compiled: dict[str, Any]) 
     assert "compiling" not in first.stderr
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_cli_cache_shows_and_clears(compiled: dict[str, Any]) -> None:
     env = compiled["env"]
     shown = _python("", env, "-m", "fastweights", "cache").stdout
@@ -140,6 +144,7 @@ def test_cli_cache_shows_and_clears(compiled: dict[str, Any]) -> None:
     assert "0 folders" in again
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_unwritable_cache_folder_compiles_in_memory(tmp_path: Path) -> None:
     pytest.importorskip("numba")
     blocker = tmp_path / "a_file"
@@ -152,6 +157,7 @@ def test_unwritable_cache_folder_compiles_in_memory(tmp_path: Path) -> None:
     assert "cannot be written" in out.stderr and "FASTWEIGHTS_CACHE_DIR" in out.stderr
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_first_compile_logs_one_line_on_the_cli(tmp_path: Path) -> None:
     pytest.importorskip("numba")
     env = {"FASTWEIGHTS_CACHE_DIR": str(tmp_path / "cache")}
@@ -260,6 +266,7 @@ def test_warmup_rejects_bad_arguments(kwargs: dict[str, Any], exc: type, word: s
         fastweights.warmup(**{"backend": "reference", "progress": False, **kwargs})
 
 
+@pytest.mark.slow  # a cold numba compile in a fresh cache, in a subprocess
 def test_demo_shows_progress_while_it_compiles() -> None:
     pytest.importorskip("numba")
     out = _python("", {}, "-m", "fastweights", "demo", "--quick", "--no-plot", "--no-bench")

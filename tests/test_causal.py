@@ -87,7 +87,8 @@ def _engines() -> Iterator[Any]:
     else:
         for form in ("recurrent", "chunk", "parallel"):
             engine = Engine("reference", form, "array_api_strict")
-            yield pytest.param(engine, id=f"reference-{form}-strict")
+            # Slow (array_api_strict's checks); the quick subset has tests/test_namespaces.py.
+            yield pytest.param(engine, id=f"reference-{form}-strict", marks=pytest.mark.slow)
     no_cxx = shutil.which(os.environ.get("CUDASIM_CXX", "g++")) is None
     for form in ("recurrent", "step"):
         yield pytest.param(
@@ -96,6 +97,7 @@ def _engines() -> Iterator[Any]:
             marks=[
                 pytest.mark.cuda_emulated,
                 pytest.mark.skipif(no_cxx, reason="g++ is not on PATH"),
+                *([pytest.mark.slow] if form == "step" else []),
             ],
         )
 

@@ -120,6 +120,7 @@ def test_demo_quick_runs_end_to_end(capsys):
     assert "backend=reference" in out
 
 
+@pytest.mark.slow  # the bench CLI's options are tests/test_bench_cli.py's
 def test_bench_subcommand_prints_rates(capsys):
     argv = ["--length", "16", "--heads", "1", "--dim", "8", "--ops", "gla", "--repeats", "1"]
     assert main(["bench", *argv, "--backends", "reference"]) == 0

@@ -13,8 +13,16 @@ from fastweights.testing import check_backend, parametrize_checks
 
 
 def _all_checks() -> list[Any]:
-    return [
+    checks = [
         p for b in available_backends() for p in parametrize_checks(b.name, xp=namespace(b.name))
+    ]
+    # dask's forms, golden and streaming checks take ~3 min (a graph per case): the quick
+    # subset (-m "not slow") keeps its input checks, and tests/test_dask.py.
+    return [
+        pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+        if str(p.id).startswith(("dask-forms", "dask-golden", "dask-streaming"))
+        else p
+        for p in checks
     ]
 
 

@@ -244,6 +244,7 @@ def client() -> Any:
         yield client
 
 
+@pytest.mark.slow  # a process cluster, 7-20 s an op; the other tests here use threads
 @pytest.mark.parametrize("op", OPS)
 def test_a_cluster_of_two_processes_computes_every_op(client: Any, op: str) -> None:
     distributed = pytest.importorskip("distributed")

@@ -918,6 +918,7 @@ np.savez(sys.argv[3], **{n: np.asarray(o) for n, o in outs.items()})
 """
 
 
+@pytest.mark.slow  # ~45 s: fla's Triton kernels in the interpreter
 @needs_fla
 def test_fla_kernels_under_triton_interpreter(tmp_path: Any) -> None:
     """One script written against fla's API, run by fla's Triton kernels (interpreted on the

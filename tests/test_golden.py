@@ -36,7 +36,17 @@ def _params(names: tuple[str, ...] | None = None) -> list[object]:
             if offered is None:
                 continue
             for form in case.forms(offered):
-                out.append(pytest.param(case, b.name, form, id=f"{case.name}-{b.name}-{form}"))
+                # dask builds a graph per case (~1 s): the quick subset keeps its auto form.
+                slow = b.name == "dask" and form != "auto"
+                out.append(
+                    pytest.param(
+                        case,
+                        b.name,
+                        form,
+                        id=f"{case.name}-{b.name}-{form}",
+                        marks=[pytest.mark.slow] if slow else [],
+                    )
+                )
     return out
 
 

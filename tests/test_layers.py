@@ -515,6 +515,7 @@ def test_array_api_strict():
         close(np.asarray(out), fn(*np_args), np.float32)
 
 
+@pytest.mark.slow  # jax compiles (~4 s)
 def test_torch_and_jax():
     torch = pytest.importorskip("torch")
     x, w, b = data(0, 2, 6, 3), data(1, 3, 4), data(2, 3)

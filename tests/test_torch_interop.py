@@ -145,6 +145,7 @@ def test_dtypes(dtype: str, spy: list[Any]) -> None:
     _close((o, final), ref, tol)
 
 
+@pytest.mark.slow  # jax compiles (~6 s)
 def test_numpy_and_jax_bfloat16(spy: list[Any]) -> None:
     ml_dtypes = pytest.importorskip("ml_dtypes")
     call = random_call("gated_delta_rule", batch=1, length=6, heads=2, key_dim=4, value_dim=3)

@@ -2,8 +2,9 @@
 
 ``cuda_emulated`` tests run the kernels on the CPU through
 :mod:`fastweights.backends.cupy.emulator` (needs ``g++``); compiled modules are cached under
-``CUDASIM_CACHE_DIR`` (default ``~/.cache/cudasim``), so only a session that changed a kernel
-compiles.
+``CUDASIM_CACHE_DIR`` (default ``cudasim/`` in fastweights' kernel cache,
+``FASTWEIGHTS_CACHE_DIR`` or ``~/.cache/fastweights``), so only a session that changed a
+kernel compiles.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ def emulate(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.fixture(params=["forward", "reverse", "random"])
+@pytest.fixture(
+    params=[
+        "forward",
+        pytest.param("reverse", marks=pytest.mark.slow),
+        pytest.param("random", marks=pytest.mark.slow),
+    ]
+)
 def order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The emulator's scheduling order of a block's threads between barriers."""
+    """The emulator's scheduling order of a block's threads between barriers (the quick
+    subset, ``-m "not slow"``, runs forward only)."""
     monkeypatch.setenv("CUDASIM_ORDER", request.param)
     monkeypatch.setenv("CUDASIM_SEED", "7")
     return str(request.param)

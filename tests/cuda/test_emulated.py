@@ -57,6 +57,7 @@ def test_golden_case(case, dtype, emulate, order):
     case.check(o, final if case.has_final_state else None, dtype=dtype, form="recurrent")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_conformance_suite(dtype, emulate):
     check_backend("cupy", dtypes=(dtype,))
@@ -85,6 +86,7 @@ def test_decoding_equals_sequence(op, emulate, order):
         np.testing.assert_array_equal(np.delete(pool, idx, axis=0), 7.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(("K", "V"), [(5, 40), (33, 1), (100, 70), (200, 9)])
 @pytest.mark.parametrize("op", ["kda", "gated_delta_rule", "delta_product"])
@@ -293,6 +295,7 @@ print("sanitized run ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["address", "thread"])
 def test_kernels_under_sanitizer(kind):
     """AddressSanitizer: no out-of-bounds access; ThreadSanitizer: no shared-memory race."""

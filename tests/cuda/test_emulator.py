@@ -51,7 +51,9 @@ def _scan_reference(q, k, v):
     return o, norms
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(
+    "order", [o if o == "forward" else pytest.param(o, marks=pytest.mark.slow) for o in ORDERS]
+)
 @pytest.mark.parametrize(
     ("name", "dtype", "dk", "dv"),
     [
@@ -189,6 +191,7 @@ def test_two_dimensional_grid_and_block():
     np.testing.assert_array_equal(out, a.T)
 
 
+@pytest.mark.slow  # a module that fails to compile is never cached
 def test_unknown_kernel_and_compile_errors():
     cudasim = _cudasim()
     mod = cudasim.RawModule('extern "C" __global__ void ok(float* x) { x[0] = 1.f; }')
@@ -231,6 +234,7 @@ def _run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.slow
 def test_address_sanitizer_catches_out_of_bounds_write():
     env = _sanitizer_env("asan")
     if env is None:
@@ -248,6 +252,7 @@ def test_address_sanitizer_catches_out_of_bounds_write():
     assert "AddressSanitizer: heap-buffer-overflow" in r.stderr
 
 
+@pytest.mark.slow
 def test_thread_sanitizer_catches_missing_barrier():
     env = _sanitizer_env("tsan")
     if env is None:

@@ -96,6 +96,7 @@ WRONG = [
 ]
 
 
+@pytest.mark.slow
 def test_checked_build_raises_index_error(tmp_path: Path) -> None:
     got = _run(tmp_path, checked=True)
     assert got["in range"] == "ran"
@@ -104,6 +105,7 @@ def test_checked_build_raises_index_error(tmp_path: Path) -> None:
     assert folders and all(name.endswith("-checked") for name in folders)
 
 
+@pytest.mark.slow
 def test_fast_build_does_not_check(tmp_path: Path) -> None:
     """The same kernels compiled normally do not check (what the checked build is for)."""
     got = _run(tmp_path, checked=False)

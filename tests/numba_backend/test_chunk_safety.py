@@ -58,6 +58,11 @@ SIZES = [
     (17, 2, 64, 65, 1),
     (5, 3, 2, 10**9, 2),
 ]
+# The quick subset (-m "not slow") runs the first four and the 10**9 chunk.
+SIZES = [
+    size if i < 4 or size[3] == 10**9 else pytest.param(*size, marks=pytest.mark.slow)
+    for i, size in enumerate(SIZES)
+]
 
 
 def _numba(call: Call, dtype: str, chunk_size: int) -> tuple[np.ndarray, Any]:
@@ -115,6 +120,7 @@ def test_normalized_linear_attention() -> None:
         _check(call, "float64", C)
 
 
+@pytest.mark.slow
 def test_chunk_size_one_does_not_corrupt_memory() -> None:
     """Issue 11 item 1: ``gla``/``kda`` with ``chunk_size=1`` wrote past a ``[3, C, K]`` scratch
     (the process then aborted or segfaulted, in a later allocation)."""
@@ -154,6 +160,7 @@ def test_chunk_size_is_bounded() -> None:
 
 
 @pytest.mark.skipif(DISABLE_JIT, reason="measures the compiled kernel's allocations")
+@pytest.mark.slow
 def test_scratch_memory_is_bounded() -> None:
     """``chunk_size=T=4096`` once took three ``C x C`` scratch matrices per thread (192 MiB
     each thread in float32); bounded by ``MAX_CHUNK`` it takes a few MiB."""

@@ -198,6 +198,7 @@ def test_importing_fastweights_imports_no_numba() -> None:
     assert _python(code) == "False"
 
 
+@pytest.mark.slow
 def test_pure_python_mode() -> None:
     """``NUMBA_DISABLE_JIT=1`` (a coverage run) executes the kernels as Python."""
     code = (
@@ -219,6 +220,7 @@ def _inside(addr: int, arrays: list[np.ndarray]) -> bool:
     return any(a.ctypes.data <= addr < a.ctypes.data + a.nbytes for a in arrays)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_sub", [1, 2])
 @pytest.mark.parametrize("gate_width", [0, 1, 13])

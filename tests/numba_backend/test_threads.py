@@ -74,6 +74,7 @@ _CONCURRENT = textwrap.dedent(
 
 
 @needs_jit
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["workqueue", "omp", "tbb"])
 def test_concurrent_calls_from_eight_threads(layer: str) -> None:
     """8 Python threads call sequence ops (both forms) and decoding steps at once: no abort
@@ -172,6 +173,7 @@ _POLICY = "import os, fastweights.backends.numba._layout; print(os.environ.get('
         ({"GOMP_SPINCOUNT": "1000"}, None),
     ],
 )
+@pytest.mark.slow
 def test_passive_wait_policy_unless_the_user_chose(env: dict[str, str], want: str | None) -> None:
     """Idle OpenMP workers sleep by default (spinning ones collapsed a busy machine); a
     policy the user set, or a spin count, is left alone."""
