@@ -2,8 +2,12 @@
 
 Usage (from ``asv_benchmarks/``, after a run that saved results)::
 
-    asv run --python=same --quick --bench "track_|time_step" --set-commit-hash $(git rev-parse HEAD)
+    FASTWEIGHTS_ASV_QUICK=0 asv run --python=same --quick --bench "track_|time_step" \
+        --set-commit-hash $(git rev-parse HEAD)
     python report.py
+
+(``FASTWEIGHTS_ASV_QUICK=0`` keeps the full sizes: a plain ``--quick`` run uses short inputs
+only, see ``benchmarks/_quick.py``.)
 
 Every figure on the page comes from that one results file, so ratios are from one run.
 """
@@ -128,7 +132,8 @@ def write_page(data: dict[str, Any], machine: dict[str, Any]) -> str:
         "pip install '.[numba,bench]'",
         "cd asv_benchmarks",
         "asv machine --yes",
-        'asv run --python=same --quick --bench "track_|time_step" '
+        "# FASTWEIGHTS_ASV_QUICK=0: full sizes (a plain --quick run uses short inputs only)",
+        'FASTWEIGHTS_ASV_QUICK=0 asv run --python=same --quick --bench "track_|time_step" '
         "--set-commit-hash $(git rev-parse HEAD)",
         "python report.py                 # rewrites this page and its plots",
         "asv run main^!                   # or build a commit in asv's own environment",

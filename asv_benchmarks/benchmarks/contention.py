@@ -22,7 +22,7 @@ import numpy as np
 import fastweights
 from fastweights._bench import backend_namespace
 
-from .prefill import SMOKE
+from ._quick import SMOKE
 
 WORKER = """
 import sys, time

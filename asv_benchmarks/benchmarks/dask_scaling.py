@@ -10,8 +10,9 @@ float32, H=4, K=V=128, ``gated_delta_rule``, two workloads:
 ``distributed.LocalCluster`` of 1 or 2 worker processes of one thread each (inputs persisted on
 the workers; started in ``setup``, closed in ``teardown``), or the direct call on NumPy arrays
 with one numba thread. ``asv_benchmarks/dask_scaling.py`` measures more configurations in one
-run and draws the figure of docs/guides/dask.md. Under ``FASTWEIGHTS_ASV_SMOKE`` only the
-long workload runs, at T=512, directly and on 2 workers.
+run and draws the figure of docs/guides/dask.md. In quick runs (``asv run --quick``,
+``FASTWEIGHTS_ASV_SMOKE``; see ``_quick.py``) only the long workload runs, at T=512, directly
+and on 2 workers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import fastweights
 from fastweights._bench import make_inputs
 
-from .prefill import SMOKE
+from ._quick import SMOKE
 
 H, D = 4, 128
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -48,7 +49,7 @@ class DaskScaling:
     def setup(self, workload: str, runner: str) -> None:
         workers = RUNNERS[runner]
         if SMOKE and (workload != "long" or workers == 1):
-            raise NotImplementedError("FASTWEIGHTS_ASV_SMOKE: long workload; numba and 2 workers")
+            raise NotImplementedError("quick run: long workload; numba and 2 workers")
         for name in ("numba", "distributed"):
             if importlib.util.find_spec(name) is None:
                 raise NotImplementedError(f"{name} is not installed")

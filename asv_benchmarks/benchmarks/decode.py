@@ -20,12 +20,14 @@ from fastweights._bench import (
     synchronize,
 )
 
+from ._quick import REPEAT, SMOKE
+
 BACKENDS = ["reference", "numba", "cupy"]
 H, D = 16, 128
 
 
 class Decode:
-    params = (list(OPS), BACKENDS, [1, 32, 256])
+    params = (list(OPS), BACKENDS, [1] if SMOKE else [1, 32, 256])
     param_names = ["op", "backend", "B"]
     timeout = 300
 
@@ -55,6 +57,7 @@ class Decode:
             for target, part in zip(targets, parts, strict=True):
                 target[...] = part
 
-        return best_time(copy, self.xp, repeat=5) / best_time(self.call, self.xp, repeat=5)
+        repeat = 5 if REPEAT > 1 else 1
+        return best_time(copy, self.xp, repeat) / best_time(self.call, self.xp, repeat)
 
     track_fraction_of_copy.unit = "copy time / step time"  # type: ignore[attr-defined]

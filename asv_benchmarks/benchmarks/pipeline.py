@@ -20,7 +20,7 @@ import numpy as np
 import fastweights
 from fastweights._bench import backend_namespace
 
-from .prefill import SMOKE
+from ._quick import SMOKE
 
 H, K, V, D_MODEL = 4, 128, 128, 512
 PAUSE = 0.3

@@ -6,7 +6,6 @@ any form does; read it against ``limits.MachineLimits.track_matmul_gflops``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastweights._bench import (
@@ -19,24 +18,22 @@ from fastweights._bench import (
     synchronize,
 )
 
+from ._quick import REPEAT, SMOKE
+
 BACKENDS = ["reference", "numba", "cupy"]
 H = 4
-# CI's `asv run --quick --dry-run` only proves the suite runs: it sets this to skip long inputs.
-SMOKE = bool(os.environ.get("FASTWEIGHTS_ASV_SMOKE"))
-
-
-def _skip_in_smoke_run(T: int) -> None:
-    if SMOKE and T > 512:
-        raise NotImplementedError("FASTWEIGHTS_ASV_SMOKE: long sequences skipped")
+# Quick runs (`asv run --quick`, CI's dry run with FASTWEIGHTS_ASV_SMOKE): short inputs only.
+LENGTHS = [512] if SMOKE else [512, 8192]
+WIDTHS = [64] if SMOKE else [64, 128]
+MEMORY_T = 512 if SMOKE else 8192
 
 
 class Prefill:
-    params = (list(OPS), BACKENDS, ["recurrent", "chunk", "auto"], [512, 8192], [64, 128])
+    params = (list(OPS), BACKENDS, ["recurrent", "chunk", "auto"], LENGTHS, WIDTHS)
     param_names = ["op", "backend", "form", "T", "K=V"]
     timeout = 600
 
     def setup(self, op: str, backend: str, form: str, T: int, D: int) -> None:
-        _skip_in_smoke_run(T)
         self.xp = backend_namespace(backend, op, form)
         self.args, self.kwargs = make_inputs(op, 1, T, H, D, D, self.xp)
         self.op, self.options = op, {"backend": backend, "form": form}
@@ -50,28 +47,28 @@ class Prefill:
         synchronize(self.xp)
 
     def track_gflops(self, op: str, backend: str, form: str, T: int, D: int) -> float:
-        return flops_per_token(op, H, D, D) * T / best_time(self.call, self.xp) / 1e9
+        return flops_per_token(op, H, D, D) * T / best_time(self.call, self.xp, REPEAT) / 1e9
 
     track_gflops.unit = "GFLOP/s"  # type: ignore[attr-defined]
 
     def track_tokens_per_second(self, op: str, backend: str, form: str, T: int, D: int) -> float:
-        return T / best_time(self.call, self.xp)
+        return T / best_time(self.call, self.xp, REPEAT)
 
     track_tokens_per_second.unit = "tokens/s"  # type: ignore[attr-defined]
 
 
 class PrefillMemory:
-    """Peak host memory of the chunk form at long T (intermediates O(T C + T/C K V))."""
+    """Peak host memory of the chunk form at long T (intermediates O(T C + T/C K V));
+    T = 512 in quick runs."""
 
     params = (list(OPS), BACKENDS)
     param_names = ["op", "backend"]
     timeout = 600
 
     def setup(self, op: str, backend: str) -> None:
-        _skip_in_smoke_run(8192)
         if backend_namespace(backend, op, "chunk").__name__ == "cupy":
             raise NotImplementedError("peakmem measures host memory")
-        self.args, self.kwargs = make_inputs(op, 1, 8192, H, 128, 128)
+        self.args, self.kwargs = make_inputs(op, 1, MEMORY_T, H, 128, 128)
 
     def peakmem_chunk_T8192(self, op: str, backend: str) -> None:
         run_op(op, self.args, self.kwargs, backend=backend, form="chunk")
