@@ -31,6 +31,11 @@ def _backend(name: str) -> str:
     return name
 
 
+def _available() -> list[str]:
+    info = {b.name: b for b in fastweights.backends.list_backends()}
+    return [n for n in BACKENDS if n in info and info[n].available]
+
+
 def _parts(state: Any) -> tuple[Any, ...]:
     return tuple(state) if isinstance(state, tuple | list) else (state,)
 
@@ -193,9 +198,8 @@ def test_float32_pool_keeps_its_dtype_and_odd_strides() -> None:
     base = np.zeros((10, 2, 5, 6), dtype=np.float32)
     pool = base[::2, :, :, ::2]  # [5, 2, 5, 3], every axis but one strided
     pool[[4, 0, 2]] = initial
-    for backend in BACKENDS:
-        p = pool.copy(order="K")[...]  # a fresh strided view each time
-        p = np.zeros_like(base)[::2, :, :, ::2]
+    for backend in _available():
+        p = np.zeros_like(base)[::2, :, :, ::2]  # a fresh strided view each time
         p[[4, 0, 2]] = initial
         _, out = _run(call, arrays, state_pool=p, state_indices=[4, 0, 2], backend=backend)
         assert out is p and p.dtype == np.float32
