@@ -821,13 +821,13 @@ def _check_pool_arrays(states: dict[str, Any], xp: ModuleType, names: str = "") 
                 )
 
 
-def _check_indices(state_indices: Any, N: int, P: int) -> np.ndarray | None:
+def _check_indices(
+    state_indices: Any, N: int, P: int, pool: str = "the state pool"
+) -> np.ndarray | None:
     """``state_indices`` as host int64 ``[N]``, distinct and in ``[0, P)`` (None: ``P == N``)."""
     if state_indices is None:
         if P != N:
-            raise ValueError(
-                f"without state_indices the state pool must have N = {N} rows, got P = {P}"
-            )
+            raise ValueError(f"without state_indices {pool} must have N = {N} rows, got P = {P}")
         return None
     idx = to_host_ints("state_indices", state_indices, ValueError)
     if idx.shape != (N,):

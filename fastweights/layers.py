@@ -62,12 +62,12 @@ from ._validate import (
     _check_arrays,
     _check_cu_seqlens,
     _check_flag,
+    _check_indices,
     _check_writeable,
     _dims,
     _is_pool_dtype,
     _namespace,
     _unaliased,
-    to_host_ints,
 )
 
 Array = Any
@@ -645,23 +645,7 @@ def short_conv_step(
             f"conv_state (the state pool) must be float32 or float64, got {conv_state.dtype}"
         )
     _check_writeable("conv_state", conv_state)
-    idx = None
-    if state_indices is None:
-        if P != N:
-            raise ValueError(
-                f"without state_indices conv_state must have N = {N} rows, got P = {P}"
-            )
-    else:
-        idx = to_host_ints("state_indices", state_indices, ValueError)
-        if idx.shape != (N,):
-            raise ValueError(f"state_indices must have shape (N,) = ({N},), got {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= P):
-            raise ValueError(
-                f"state_indices must lie in [0, P) = [0, {P}), got values from {idx.min()} "
-                f"to {idx.max()}"
-            )
-        if np.unique(idx).size != idx.size:
-            raise ValueError("state_indices must be distinct: two rows would update one state")
+    idx = _check_indices(state_indices, N, P, "conv_state")
     # An input that is a view of the pool would change under the writes: read it first.
     x, weight = _unaliased(x, (conv_state,)), _unaliased(weight, (conv_state,))
     if bias is not None:
