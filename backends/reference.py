@@ -45,6 +45,13 @@ class ReferenceBackend:
         form = family.auto_form(call)[0] if call.form == "auto" else call.form
         return family.run(call, form)
 
+    def vjp(self, call: Call, do: Any, dstate: Any) -> dict[str, Any]:
+        """Gradients of the call's raw arguments (:func:`fastweights.vjp`), by the reverse
+        sweep of ``call.form`` (``"auto"``: the form :meth:`run` picks)."""
+        family = FAMILIES[call.spec.family]
+        form = family.auto_form(call)[0] if call.form == "auto" else call.form
+        return dict(family.vjp(call, form, do, dstate))
+
     def step(self, call: Call) -> tuple[Any, Any]:
         """One decoding step: gather the pool rows, run one recurrent step, write them back."""
         xp, idx = call.xp, call.state_indices

@@ -55,6 +55,7 @@ from ._kernel_cache import warmup  # noqa: E402
 from ._plan import plan  # noqa: E402
 from ._registry import use_backend  # noqa: E402
 from ._serving import rollback  # noqa: E402
+from ._vjp import vjp  # noqa: E402
 
 if _TYPE_CHECKING:  # the ops are generated from their rules' descriptions (see _public)
     from collections.abc import Callable as _Callable
@@ -71,4 +72,4 @@ try:
 except Exception:  # a bare source tree
     __version__ = "0+unknown"
 
-__all__ = ["backends", *_op_names, "plan", "rollback", "step", "use_backend", "warmup"]
+__all__ = ["backends", *_op_names, "plan", "rollback", "step", "use_backend", "vjp", "warmup"]

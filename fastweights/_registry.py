@@ -10,6 +10,7 @@ available backend of highest priority that accepts the call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import threading
@@ -38,8 +39,12 @@ class Backend(Protocol):
     handed an op, a decoding op or a form it did not declare; an instance rule (``retention``,
     ``iplr``, ``rwkv7``) arrives as its parent. Optionally, ``plan(call)`` returns a dict with
     the ``form`` it would run, ``why``, and its parameters (``chunk_size``, ``threads``), for
-    :func:`fastweights.plan`. See the plugin guide of the documentation for a complete
-    example.
+    :func:`fastweights.plan`. For gradients (:func:`fastweights.vjp`), optionally
+    ``vjp(call, do, dstate) -> dict`` (the gradients of the call's raw arguments by name, in
+    the compute dtype; ``call.form`` is the form the forward ran) and ``vjp_rejects(call) ->
+    str | None``; a backend without them, or rejecting a call, has its gradients computed by
+    the reference backend (:func:`gradient_backend`). See the plugin guide of the
+    documentation for a complete example.
 
     Examples
     --------
@@ -318,6 +323,9 @@ class Plan:
         Why this form.
     passed_over : dict
         Backends of higher rank that were not chosen, and why.
+    gradient : str
+        The backend that computes this call's gradients (:func:`fastweights.vjp`), and why
+        it is not the chosen backend when it is not.
     """
 
     op: str
@@ -326,6 +334,19 @@ class Plan:
     params: dict[str, Any]
     why: str
     passed_over: dict[str, str]
+    gradient: str = ""
+
+
+def gradient_backend(b: Backend, call: Call) -> tuple[Backend, str]:
+    """The backend computing the gradients of ``call`` run by ``b``: ``b`` itself if it has a
+    ``vjp`` that accepts the call, else the reference backend; and why not ``b``."""
+    reason: str | None = f"{b.name} has no gradients"
+    if getattr(b, "vjp", None) is not None:
+        rejects = getattr(b, "vjp_rejects", None)
+        reason = rejects(call) if rejects is not None else None
+        if reason is None:
+            return b, ""
+    return get_backend("reference"), str(reason)
 
 
 def plan_call(call: Call, requested: str | None) -> Plan:
@@ -338,4 +359,9 @@ def plan_call(call: Call, requested: str | None) -> Plan:
         details = {"form": call.form, "why": f"{b.name} does not describe its choices"}
     form = details.pop("form")
     why = details.pop("why", "")
-    return Plan(call.op, b.name, form, details, why, passed)
+    if call.is_step:
+        return Plan(call.op, b.name, form, details, why, passed)
+    graded = dataclasses.replace(call, form=form)
+    g, reason = gradient_backend(b, graded)
+    gradient = g.name if not reason else f"{g.name} ({reason})"
+    return Plan(call.op, b.name, form, details, why, passed, gradient)

@@ -72,3 +72,66 @@ def pad_to_multiple(xp: ModuleType, x: Any, axis: int, multiple: int) -> Any:
     shape[axis] = extra
     zero = xp.zeros(tuple(shape), dtype=x.dtype, device=device(x))
     return xp.concat([x, zero], axis=axis)
+
+
+# Adjoints of the preparation, for the gradients (fastweights.vjp): each maps the cotangent of
+# a prepared array back to the argument it was made from.
+
+
+def l2norm_vjp(xp: ModuleType, x: Any, dy: Any) -> Any:
+    """The cotangent of ``x`` given that of ``l2norm(x)``: ``r dy - x r^3 (x . dy)`` with
+    ``r = (|x|^2 + eps)^(-1/2)``."""
+    r = 1.0 / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+    return r * dy - x * (r * r * r) * xp.sum(x * dy, axis=-1, keepdims=True)
+
+
+def unpad(xp: ModuleType, x: Any, idx: np.ndarray, rows: int, dev: Any) -> Any:
+    """The adjoint of :func:`_pad` (which copies each packed row at most once):
+    ``[N, L, ...]`` padded rows -> ``[1, rows, ...]`` packed rows."""
+    flat_idx = idx.reshape(-1)
+    source = np.zeros(rows, dtype=np.int64)
+    valid = flat_idx < rows
+    source[flat_idx[valid]] = np.nonzero(valid)[0]
+    flat = xp.reshape(x, (-1, *x.shape[2:]))
+    return xp.take(flat, xp.asarray(source, device=dev), axis=0)[None, ...]
+
+
+def group_sum(xp: ModuleType, x: Any, G: int) -> Any:
+    """The adjoint of ``repeat(x, G, axis=2)`` on ``[N, R, H*G, D]``: the sum over each group."""
+    if G == 1:
+        return x
+    N, R, HV, D = x.shape
+    return xp.sum(xp.reshape(x, (N, R, HV // G, G, D)), axis=3)
+
+
+def heads_last(xp: ModuleType, x: Any) -> Any:
+    """``[N, HV, R, ...]`` -> ``[N, R, HV, ...]`` (the inverse of :func:`_heads_first`)."""
+    return _heads_first(xp, x)
+
+
+def cotangent_rows(xp: ModuleType, do: Any, cu: Any, T: int, n: int, dev: Any) -> Any:
+    """``do [B, T, HV, V]`` in the caller's layout -> head-major problem rows ``[N, HV, R, V]``:
+    with ``n > 1`` (DeltaProduct) each token's cotangent sits on its last step's row."""
+    if n > 1:
+        B = do.shape[0]
+        zeros = xp.zeros((B, T, n - 1, *do.shape[2:]), dtype=do.dtype, device=dev)
+        do = xp.reshape(xp.concat([zeros, do[:, :, None, ...]], axis=2), (B, T * n, *do.shape[2:]))
+    if cu is not None:
+        idx, _ = _pad_index(cu, T, n)
+        do = _pad(xp, do, idx, dev)
+    return _heads_first(xp, do)
+
+
+def qk_grads(xp: ModuleType, call: Any, dq: Any, dk: Any, q_rows: Any) -> tuple[Any, Any]:
+    """The cotangents of the raw ``q, k`` from those of the prepared (scaled, normalised,
+    group-expanded) rows ``[N, R, HV, K]`` already unpadded to ``[B, T*, HV, K]``; ``q_rows``
+    selects the rows of ``dq`` that hold a read (DeltaProduct: each token's last step)."""
+    G = call.HV // call.H
+    dq, dk = group_sum(xp, dq, G), group_sum(xp, dk, G)
+    if q_rows is not None:
+        dq = dq[:, q_rows, ...]
+    dq = dq * call.scale
+    if call.use_qk_l2norm:
+        dq = l2norm_vjp(xp, xp.astype(call.q, dq.dtype), dq)
+        dk = l2norm_vjp(xp, xp.astype(call.k, dk.dtype), dk)
+    return dq, dk

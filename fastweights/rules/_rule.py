@@ -154,6 +154,12 @@ class Rule:
     parent, to_parent
         For an instance: the parent op, and ``to_parent(xp, arrays) -> arrays`` mapping the
         instance's arguments (by name, ``q, k, v`` included) onto the parent's.
+    grads_from_parent
+        For an instance: ``grads_from_parent(xp, arrays, grads) -> grads``, the adjoint of
+        ``to_parent`` for :func:`fastweights.vjp`: the instance's raw arguments and the
+        parent's gradients by name give the instance's. None: the parent's gradients of the
+        instance's own arguments are its gradients (``retention``'s fixed decay and ``iplr``'s
+        absent one are dropped).
     params : mapping
         The family's parameters of this rule (e.g. the delta family's ``erase`` and ``gate``).
     qkv : tuple of Arg
@@ -184,6 +190,9 @@ class Rule:
     state: tuple[Arg, ...] = STATE
     parent: str | None = None
     to_parent: Callable[[ModuleType, dict[str, Any]], dict[str, Any]] | None = None
+    grads_from_parent: (
+        Callable[[ModuleType, dict[str, Any], dict[str, Any]], dict[str, Any]] | None
+    ) = None
     params: Mapping[str, Any] = field(default_factory=dict)
     qkv: tuple[Arg, ...] = QKV
     transition: str | None = None

@@ -14,9 +14,10 @@ Each op is the general rule with parts switched off::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._layout import prepare
+from ._layout import cotangents, prepare, raw_grads
 from .chunk import chunk
 from .recurrent import recurrent
 from .rules import RULES
@@ -24,7 +25,7 @@ from .rules import RULES
 if TYPE_CHECKING:
     from ..._validate import Call
 
-__all__ = ["RULES", "auto_form", "form_unavailable", "run"]
+__all__ = ["RULES", "auto_form", "form_unavailable", "run", "vjp"]
 
 
 def form_unavailable(call: Call, form: str) -> str | None:
@@ -65,3 +66,29 @@ def run(call: Call, form: str) -> tuple[Any, Any]:
     else:
         o, state = chunk(problem, call.chunk_size, one_chunk=form == "parallel")
     return finish(o, state)
+
+
+def vjp(
+    call: Call, form: str, do: Any, dstate: Any, *, sweeps: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Gradients of ``sum(o * do) + sum(final_state * dstate)`` with respect to the call's raw
+    arguments (``fastweights.vjp``), by the reverse sweep of ``form``: recurrent
+    (:mod:`.recurrent_vjp`) or chunkwise (:mod:`.chunk_vjp`; ``"parallel"`` is its one-chunk
+    case). ``sweeps`` replaces a form's problem-level sweep (a backend's kernels)."""
+    from .recurrent_vjp import recurrent_vjp
+
+    problem, _ = prepare(call)
+    o_raw = None
+    if call.normalize:
+        o_raw = recurrent(problem)[0] if form == "recurrent" else chunk(problem, call.chunk_size)[0]
+    do_p, ds_p = cotangents(call, problem, do, dstate, o_raw)
+    chosen = dict(sweeps or {})
+    if form == "recurrent":
+        g = chosen.get(form, recurrent_vjp)(problem, do_p, ds_p, call.chunk_size)
+    else:
+        from .chunk_vjp import chunk_vjp
+
+        g = chosen.get(form, chunk_vjp)(
+            problem, do_p, ds_p, call.chunk_size, one_chunk=form == "parallel"
+        )
+    return raw_grads(call, g)

@@ -11,7 +11,17 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..._constants import NORMALIZE_EPS
-from .._layout import _heads_first, _pad, _pad_index, l2norm, tokens_first
+from .._layout import (
+    _heads_first,
+    _pad,
+    _pad_index,
+    cotangent_rows,
+    heads_last,
+    l2norm,
+    qk_grads,
+    tokens_first,
+    unpad,
+)
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -107,3 +117,51 @@ def _initial_state(call: Call) -> Any:
         S, z = call.initial_state
         return xp.concat([xp.astype(S, dt), xp.astype(z, dt)[..., None]], axis=-1)
     return xp.astype(call.initial_state, dt)
+
+
+def cotangents(call: Call, p: Problem, do: Any, dstate: Any, o_raw: Any) -> tuple[Any, Any]:
+    """``(do, dstate)`` of the caller's layout as the general rule's head-major cotangents.
+
+    ``o_raw`` is the general rule's output ``[N, HV, R, V + 1]``, needed only for
+    ``normalize`` (the output is then ``o_raw[..., :V] / (o_raw[..., V] + eps)``).
+    """
+    xp, dt, dev = call.xp, call.dtype, call.device
+    n = call.num_householder
+    do_p = cotangent_rows(xp, xp.astype(do, dt), call.cu_seqlens, call.T, n, dev)
+    if call.normalize:
+        num, den = o_raw[..., :-1], o_raw[..., -1:] + NORMALIZE_EPS
+        d_den = -xp.sum(do_p * num, axis=-1, keepdims=True) / (den * den)
+        do_p = xp.concat([do_p / den, d_den], axis=-1)
+    if dstate is None:
+        return do_p, xp.zeros_like(p.state)
+    if call.normalize:
+        dS, dz = dstate
+        return do_p, xp.concat([xp.astype(dS, dt), xp.astype(dz, dt)[..., None]], axis=-1)
+    return do_p, xp.astype(dstate, dt)
+
+
+def raw_grads(call: Call, g: dict[str, Any]) -> dict[str, Any]:
+    """The gradients of the call's raw arguments from those of its :class:`Problem` ``g``:
+    the adjoint of :func:`prepare` (padding, interleaving, grouped heads, scale, L2 norm,
+    the normaliser column)."""
+    xp, dev, n = call.xp, call.device, call.num_householder
+    idx = None if call.cu_seqlens is None else _pad_index(call.cu_seqlens, call.T, n)[0]
+
+    def back(x: Any) -> Any:
+        x = heads_last(xp, x)
+        return x if idx is None else unpad(xp, x, idx, call.T * n, dev)
+
+    dq, dk = qk_grads(xp, call, back(g["q"]), back(g["k"]), slice(n - 1, None, n))
+    out = {"q": dq, "k": dk}
+    dv = back(g["v"])
+    out["v"] = dv[..., :-1] if call.normalize else dv
+    if call.gate is not None and call.spec.gate is not None:
+        dg = back(g["log_decay"])[:, ::n, ...]
+        out[call.spec.gate] = dg[..., 0] if call.gate.ndim == 3 else dg
+    if call.beta is not None:
+        db = back(g["beta"])
+        out["beta"] = db[..., 0] if call.beta.ndim == 3 else db
+    if call.initial_state is not None:
+        dS = g["state"]
+        out["initial_state"] = (dS[..., :-1], dS[..., -1]) if call.normalize else dS
+    return out

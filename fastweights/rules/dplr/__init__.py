@@ -13,10 +13,11 @@ attention-like parallel form.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._rule import Arg, Rule
-from ._layout import prepare
+from ._layout import cotangents, prepare, raw_grads
 from .iplr import IPLR
 from .recurrent import recurrent
 from .rwkv7 import RWKV7
@@ -120,3 +121,24 @@ def run(call: Call, form: str) -> tuple[Any, Any]:
 
         o, state = chunk(problem, call.chunk_size)
     return finish(o, state)
+
+
+def vjp(
+    call: Call, form: str, do: Any, dstate: Any, *, sweeps: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Gradients of ``sum(o * do) + sum(final_state * dstate)`` with respect to the call's raw
+    arguments (``fastweights.vjp``), by the reverse sweep of ``form``
+    (:mod:`.recurrent_vjp`, or chunkwise: :mod:`.chunk_vjp`). ``sweeps`` replaces a form's
+    problem-level sweep (a backend's kernels)."""
+    problem, _ = prepare(call)
+    do_p, ds_p = cotangents(call, problem, do, dstate)
+    chosen = dict(sweeps or {})
+    if form == "recurrent":
+        from .recurrent_vjp import recurrent_vjp
+
+        g = chosen.get(form, recurrent_vjp)(problem, do_p, ds_p, call.chunk_size)
+    else:
+        from .chunk_vjp import chunk_vjp
+
+        g = chosen.get(form, chunk_vjp)(problem, do_p, ds_p, call.chunk_size)
+    return raw_grads(call, g)

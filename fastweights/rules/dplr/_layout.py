@@ -6,7 +6,17 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .._layout import _heads_first, _pad, _pad_index, l2norm, tokens_first
+from .._layout import (
+    _heads_first,
+    _pad,
+    _pad_index,
+    cotangent_rows,
+    heads_last,
+    l2norm,
+    qk_grads,
+    tokens_first,
+    unpad,
+)
 
 if TYPE_CHECKING:
     from ..._validate import Call
@@ -65,3 +75,30 @@ def prepare(call: Call) -> tuple[Problem, Any]:
         return o, (final if call.output_final_state else None)
 
     return Problem(xp, q, k, v, a, b, gk, state), finish
+
+
+def cotangents(call: Call, p: Problem, do: Any, dstate: Any) -> tuple[Any, Any]:
+    """``(do, dstate)`` of the caller's layout as head-major problem cotangents."""
+    xp, dt = call.xp, call.dtype
+    do_p = cotangent_rows(xp, xp.astype(do, dt), call.cu_seqlens, call.T, 1, call.device)
+    ds_p = xp.zeros_like(p.state) if dstate is None else xp.astype(dstate, dt)
+    return do_p, ds_p
+
+
+def raw_grads(call: Call, g: dict[str, Any]) -> dict[str, Any]:
+    """The gradients of the call's raw arguments from those of its :class:`Problem` ``g``
+    (the adjoint of :func:`prepare`)."""
+    xp, dev = call.xp, call.device
+    idx = None if call.cu_seqlens is None else _pad_index(call.cu_seqlens, call.T, 1)[0]
+
+    def back(x: Any) -> Any:
+        x = heads_last(xp, x)
+        return x if idx is None else unpad(xp, x, idx, call.T, dev)
+
+    dq, dk = qk_grads(xp, call, back(g["q"]), back(g["k"]), None)
+    out = {"q": dq, "k": dk, "v": back(g["v"]), "a": back(g["a"]), "b": back(g["b"])}
+    if call.gk is not None:
+        out["gk"] = back(g["log_decay"])
+    if call.initial_state is not None:
+        out["initial_state"] = g["state"]
+    return out
