@@ -320,6 +320,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     print(f"  form       {p.form}: {p.why}")
     for name, value in p.params.items():
         print(f"  {name:<10} {value}")
+    if p.gradient:
+        print(f"  gradient   {p.gradient}")
     return 0
 
 
