@@ -19,6 +19,20 @@ def to_dplr(xp: ModuleType, arrays: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "a": -kk, "b": kk * a, "gk": arrays["w"]}
 
 
+def rwkv7_grads(xp: ModuleType, arrays: dict[str, Any], grads: dict[str, Any]) -> dict[str, Any]:
+    """The adjoint of :func:`to_dplr`: ``rwkv7``'s gradients from the parent ``dplr``'s.
+
+    ``arrays`` are rwkv7's raw arguments (``q, k, v, w, kk, a``), ``grads`` dplr's (keyed
+    ``q, k, v, a, b, gk`` and ``initial_state`` when given). With ``a_dplr = -kk``,
+    ``b_dplr = kk * a`` and ``gk = w``: ``w bar = gk bar``,
+    ``kk bar = -a_dplr bar + a * b_dplr bar`` and ``a bar = kk * b_dplr bar``.
+    """
+    rest = {n: g for n, g in grads.items() if n not in ("a", "b", "gk")}
+    da, db = grads["a"], grads["b"]
+    kk, a = (xp.astype(arrays[n], db.dtype) for n in ("kk", "a"))
+    return {**rest, "w": grads["gk"], "kk": a * db - da, "a": kk * db}
+
+
 RWKV7 = Rule(
     "rwkv7",
     "dplr",
@@ -47,6 +61,7 @@ RWKV7 = Rule(
     no_form={"parallel": "a per-key-channel decay has no attention-like parallel form"},
     parent="dplr",
     to_parent=to_dplr,
+    grads_from_parent=rwkv7_grads,
     flops=8,
     title="RWKV-7's state update: :func:`fastweights.dplr` with ``gk = w``, ``a = -kk``, "
     "``b = kk * a``.",
