@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 from .._rule import Arg, Option, Rule
 from ._layout import prepare
 from .recurrent import recurrent
+from .vjp import vjp
 
 if TYPE_CHECKING:
     from ..._validate import Call
+
+__all__ = ["RULES", "auto_form", "form_unavailable", "run", "vjp"]
 
 MESA_NET = Rule(
     "mesa_net",

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._rule import SERVING, Arg, Rule
 from .recurrent import prepare, recurrent
+from .vjp import vjp
 
 if TYPE_CHECKING:
     from ..._validate import Call
+
+__all__ = ["RULES", "auto_form", "form_unavailable", "run", "vjp"]
 
 _NO_FORM = "its keys, values and rates depend on its own previous output: no chunk or parallel form"
 

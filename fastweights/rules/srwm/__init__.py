@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._rule import SERVING, Arg, Rule
 from .recurrent import prepare, recurrent
+from .vjp import vjp
 
 if TYPE_CHECKING:
     from ..._validate import Call
+
+__all__ = ["RULES", "auto_form", "form_unavailable", "run", "sizes", "vjp"]
 
 _NO_FORM = "its keys, queries and rates are read from the weight it rewrites: recurrent only"
 
