@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 GRAD_HINT = (
     "{name} requires grad, and backend {backend!r} computes no gradients (detaching would cut "
     "the graph silently): use backend='reference', which torch's autograd differentiates (the "
-    "automatic choice does), torch.no_grad(), or detached tensors; a fastweights.torch adapter "
-    "with gradients is planned"
+    "automatic choice does), torch.no_grad(), detached tensors, or fastweights.torch, whose "
+    "ops run the kernels with gradients of their own (fastweights.vjp)"
 )
 """Why a tensor that requires grad, while torch records gradients, is not run on a NumPy
 backend (``{name}``, ``{backend}`` filled in)."""
