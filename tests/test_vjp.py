@@ -526,8 +526,11 @@ def test_empty_packed_sequence_passes_dstate_to_its_initial_state() -> None:
     args, kwargs = call.arguments()
     o, final, pullback = fastweights.vjp("gated_delta_rule", *args, **kwargs)
     dstate = np.random.default_rng(2).standard_normal(final.shape)
+    before = dstate.copy()
     grads = pullback(np.zeros_like(o), dstate)
     assert np.array_equal(grads["initial_state"][1], dstate[1])
+    grads["initial_state"][...] = 0.0  # a new array, not a view of dstate
+    assert np.array_equal(dstate, before)
 
 
 def test_other_namespaces() -> None:
