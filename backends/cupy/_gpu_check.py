@@ -993,12 +993,34 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cupy: Any = None
+
+    def nothing_to_check(status: str, why: str, hint: str) -> int:
+        print(f"gpu-check: {status}: {why}.\n  {hint}", file=sys.stderr)
+        if out is not None:
+            stub = {"schema": SCHEMA, "status": status, "reason": why, "started": started}
+            (out / "gpu_check.json").write_text(json.dumps(stub, indent=1) + "\n")
+        return 3
+
+    from fastweights.backends import get_backend
+
+    try:
+        get_backend("cupy")
+    except TypeError as exc:
+        return nothing_to_check(
+            "the cupy backend is not registered",
+            str(exc),
+            "fastweights' backends register through its package's entry points: install it "
+            "(in the checkout: pip install --no-build-isolation -e ., or offline with carried "
+            "wheels: pip install --isolated --no-index --find-links wheels -e .)",
+        )
     if small:
         cxx = os.environ.get("CUDASIM_CXX", "g++")
         if shutil.which(cxx) is None:
-            why = f"the CPU emulator needs a C++ compiler: {cxx!r} is not on PATH (CUDASIM_CXX)"
-            print(f"gpu-check: nothing to check: {why}", file=sys.stderr)
-            return 3
+            return nothing_to_check(
+                "nothing to check",
+                f"the CPU emulator needs a C++ compiler: {cxx!r} is not on PATH",
+                "Install g++ or name a compiler in CUDASIM_CXX.",
+            )
         clock: _Clock = _Emulated()
         card: dict[str, Any] = {
             "name": "CPU emulator (cudasim), no GPU",
@@ -1007,17 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         found = _gpu()
         if isinstance(found, str):
-            print(
-                f"gpu-check: no GPU to check: {found}.\n"
-                "  On a machine with an NVIDIA GPU, install CuPy (pip install '.[cuda12]' or "
+            return nothing_to_check(
+                "no GPU to check",
+                found,
+                "On a machine with an NVIDIA GPU, install CuPy (pip install '.[cuda12]' or "
                 "'.[cuda13]');\n  `python -m fastweights gpu-check --small` runs the whole check "
                 "under the CPU emulator instead (no timings).",
-                file=sys.stderr,
             )
-            if out is not None:
-                stub = {"schema": SCHEMA, "status": "no GPU", "reason": found, "started": started}
-                (out / "gpu_check.json").write_text(json.dumps(stub, indent=1) + "\n")
-            return 3
         cupy, card = found
         clock = _Gpu(cupy)
     mode = "emulated, small shapes" if small else "GPU"

@@ -252,7 +252,21 @@ def test_no_gpu_says_why_and_exits_3(monkeypatch, tmp_path, capsys):
     assert "gpu-check: no GPU to check: cupy is not importable (test)" in err
     assert "--small" in err
     stub = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert stub["status"] == "no GPU" and stub["reason"] == "cupy is not importable (test)"
+    assert stub["status"] == "no GPU to check"
+    assert stub["reason"] == "cupy is not importable (test)"
+
+
+def test_unregistered_backend_says_install(monkeypatch, capsys):
+    """A checkout that is not installed has no entry points: only the reference backend."""
+    import fastweights.backends
+
+    def unknown(name):
+        raise TypeError(f"unknown backend {name!r}; known backends: reference")
+
+    monkeypatch.setattr(fastweights.backends, "get_backend", unknown)
+    assert gc.main(["--small", "--no-tests"]) == 3
+    err = capsys.readouterr().err
+    assert "the cupy backend is not registered" in err and "-e ." in err
 
 
 def test_no_compiler_for_the_emulator_exits_3(monkeypatch, capsys):
