@@ -96,7 +96,7 @@ def test_ragged_chunks(op, chunk_size, emulate):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("gates", ["strong", "reset", "zero"])
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule", "kda"])
-def test_gates(op, gates, dtype, emulate, two_orders):
+def test_gates(op, gates, dtype, emulate):
     """Decays of exp(-3)..exp(-8) per step (down to exp(-500) within a chunk), resets, and
     gates of exactly 0, in the largest chunk of the dtype."""
     call = random_call(op, seed=4, batch=1, length=70, key_dim=18, value_dim=5, gates=gates)
@@ -175,7 +175,12 @@ def test_auto_runs_the_chunk_kernels(emulate, monkeypatch):
 
     ran = []
     original = chunk_module.run
-    monkeypatch.setattr(chunk_module, "run", lambda call: ran.append(call.op) or original(call))
+
+    def spy(call):
+        ran.append(call.op)
+        return original(call)
+
+    monkeypatch.setattr(chunk_module, "run", spy)
     call = random_call("gla", seed=11, batch=1, length=130, key_dim=8, value_dim=4)
     got = call.run(fastweights.gla, backend="cupy", output_final_state=True)
     assert ran == ["gla"]
@@ -230,3 +235,24 @@ def test_chunk_kernels_under_address_sanitizer():
     )
     assert "Sanitizer" not in r.stderr, r.stderr[-4000:]
     assert r.returncode == 0 and "sanitized run ok" in r.stdout, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize(
+    ("op", "K", "V", "dtype"),
+    [("kda", 128, 40, "float32"), ("gated_delta_rule", 200, 70, "float64")],
+)
+def test_wide_heads(op, K, V, dtype, emulate):
+    """Key sizes of the gpu-check shape and above (several key tiles, two value tiles)."""
+    call = random_call(
+        op,
+        seed=K,
+        batch=1,
+        length=45,
+        heads=1,
+        groups=2,
+        key_dim=K,
+        value_dim=V,
+        use_qk_l2norm=True,
+        gates="reset",
+    )
+    _check(_chunk(call.cast(np.dtype(dtype))), call.expected(), dtype)
