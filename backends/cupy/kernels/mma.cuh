@@ -21,6 +21,7 @@
 //   (AT = false, BT = true is the native "row.col" form: Q K^T with Q, K stored [token][key]).
 //   k must be a multiple of 16 (pad tiles with zeros); A and B are read from shared (or global)
 //   memory, which the caller has published with __syncthreads / __syncwarp.
+// The lane is threadIdx.x & 31: blocks are 1-D, or blockDim.x is a multiple of 32.
 // Warp-collective: all 32 lanes of the warp call it together, with the same arguments
 // (the emulator rejects a partial warp, or lanes at different call sites, for every dtype).
 #ifndef FW_MMA_CUH
