@@ -96,5 +96,25 @@ class NumbaBackend:
 
         return step(call)
 
+    def vjp_rejects(self, call: Call) -> str | None:
+        """Why the gradient kernels do not take ``call`` (the reference backend then computes
+        its gradients), or None: they cover the first wave except a per-value ``beta``."""
+        if call.op not in FIRST_WAVE:
+            return f"no numba gradient kernel for {call.op}"
+        if call.beta_per_value:
+            return "a per-value beta has no numba gradient kernel"
+        return None
+
+    def vjp(self, call: Call, do: Any, dstate: Any) -> dict[str, Any]:
+        """Gradients of the call's raw arguments (:func:`fastweights.vjp`) by the chunkwise
+        backward kernel of ``gradients.py``, whatever form the forward ran (the forms compute
+        the same function; the chunkwise backward is the fast one)."""
+        from fastweights.backends import FAMILIES
+
+        from .gradients import chunk_vjp, recurrent_vjp
+
+        sweeps = {"recurrent": recurrent_vjp, "chunk": chunk_vjp, "parallel": chunk_vjp}
+        return dict(FAMILIES[call.spec.family].vjp(call, call.form, do, dstate, sweeps=sweeps))
+
 
 backend = NumbaBackend()
