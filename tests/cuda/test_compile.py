@@ -132,3 +132,133 @@ def test_compiled_tiles_cover_every_key_size():
         for tile in picked:
             assert tile.threads % 32 == 0 and tile.threads <= 256
             assert tile.rows >= 8 and 32 % min(tile.ksplit, 32) == 0
+
+
+# ---- the chunk-form kernels (kernels/chunk.cu, backends/cupy/_chunk.py)
+
+
+def _chunk_names(compute: str) -> list[str]:
+    from fastweights.backends.cupy import _chunk as CH
+
+    names = list(CH.parallel_group(compute))
+    for tile in dict.fromkeys(L.tile_for(K, compute) for K in KEY_SIZES):
+        names += CH.state_group(compute, tile)
+    return names
+
+
+def _compile_chunk(arch: str, compute: str) -> dict[str, dict[str, int]]:
+    from fastweights.backends.cupy import _chunk as CH
+
+    Program, ProgramOptions, version = _nvrtc()
+    names = _chunk_names(compute)
+    key = hashlib.sha256(
+        "\0".join([CH.source(), arch, version, *L.OPTIONS, *names]).encode()
+    ).hexdigest()[:24]
+    default = Path.home() / ".cache" / "fastweights" / "nvrtc"
+    cache = Path(os.environ.get("FASTWEIGHTS_NVRTC_CACHE", default))
+    path = cache / f"ptxas_chunk_{key}.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    log = io.StringIO()
+    options = ProgramOptions(
+        arch=arch, std="c++17", ptxas_options=["-v"], define_macro=list(cuda_macros())
+    )
+    obj = Program(CH.source(), "c++", options=options).compile(
+        "cubin", name_expressions=names, logs=log
+    )
+    mangled = {
+        (v.decode() if isinstance(v, bytes) else str(v)): k for k, v in obj.symbol_mapping.items()
+    }
+    report = _parse(log.getvalue(), mangled)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    return report
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunk_instantiations_compile_without_spills(arch, compute):
+    report = _compile_chunk(arch, compute)
+    names = _chunk_names(compute)
+    assert sorted(report) == sorted(names)
+    lines = {
+        n: f"{n}: {r['registers']} registers, stack {r['stack']} B, "
+        f"spills {r['spill_stores']}/{r['spill_loads']} B, smem {r['smem']} B"
+        for n, r in sorted(report.items())
+    }
+    print(f"\n{arch} chunk {compute}\n  " + "\n  ".join(lines.values()))
+    bad = [
+        lines[n]
+        for n, r in report.items()
+        if r["spill_stores"]
+        or r["spill_loads"]
+        or r["stack"]
+        or r["registers"] > 255
+        or r["smem"] > 48 * 1024
+    ]
+    assert not bad, "kernels with spills, local memory or too many resources:\n" + "\n".join(bad)
+
+
+# ---- the recurrent-only kernels (kernels/dplr.cu, kernels/recurrent_delta.cu, kernels/srwm.cu)
+
+_RECURRENT_ONLY = ("_dplr", "_rdelta", "_srwm")
+
+
+def _module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"fastweights.backends.cupy.{name}")
+
+
+def _only_names(mod: str, tin: str, compute: str) -> list[str]:
+    tiles = dict.fromkeys(L.tile_for(K, compute) for K in KEY_SIZES)
+    return [n for tile in tiles for n in _module(mod).group(tin, L.ctype(compute), tile)]
+
+
+def _compile_only(mod: str, arch: str, tin: str, compute: str) -> dict[str, dict[str, int]]:
+    src = _module(mod).source()
+    Program, ProgramOptions, version = _nvrtc()
+    names = _only_names(mod, tin, compute)
+    key = hashlib.sha256("\0".join([src, arch, version, *L.OPTIONS, *names]).encode()).hexdigest()
+    default = Path.home() / ".cache" / "fastweights" / "nvrtc"
+    cache = Path(os.environ.get("FASTWEIGHTS_NVRTC_CACHE", default))
+    path = cache / f"ptxas{mod}_{key[:24]}.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    log = io.StringIO()
+    options = ProgramOptions(
+        arch=arch, std="c++17", ptxas_options=["-v"], define_macro=list(cuda_macros())
+    )
+    obj = Program(src, "c++", options=options).compile("cubin", name_expressions=names, logs=log)
+    mangled = {
+        (v.decode() if isinstance(v, bytes) else str(v)): k for k, v in obj.symbol_mapping.items()
+    }
+    report = _parse(log.getvalue(), mangled)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    return report
+
+
+@pytest.mark.parametrize("mod", _RECURRENT_ONLY)
+@pytest.mark.parametrize(("tin", "compute"), PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recurrent_only_instantiations_compile_without_spills(arch, tin, compute, mod):
+    report = _compile_only(mod, arch, tin, compute)
+    names = _only_names(mod, tin, compute)
+    assert sorted(report) == sorted(names)
+    lines = {
+        n: f"{n}: {r['registers']} registers, stack {r['stack']} B, "
+        f"spills {r['spill_stores']}/{r['spill_loads']} B, smem {r['smem']} B"
+        for n, r in sorted(report.items())
+    }
+    print(f"\n{arch} {mod} {tin}/{compute}\n  " + "\n  ".join(lines.values()))
+    bad = [
+        lines[n]
+        for n, r in report.items()
+        if r["spill_stores"]
+        or r["spill_loads"]
+        or r["stack"]
+        or r["registers"] > 255
+        or r["smem"] > 48 * 1024
+    ]
+    assert not bad, "kernels with spills, local memory or too many resources:\n" + "\n".join(bad)

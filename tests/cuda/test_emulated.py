@@ -180,8 +180,11 @@ def test_backend_contract_without_gpu(monkeypatch):
     monkeypatch.delenv("FASTWEIGHTS_CUDA_EMULATE", raising=False)
     info = next(b for b in list_backends() if b.name == "cupy")
     first_wave = {rule.name for rule in fastweights.rules.delta.RULES if rule.parent is None}
-    assert info.ops == {op: ("recurrent",) for op in first_wave}
-    assert set(info.step_ops) == first_wave
+    assert info.ops == {
+        **{op: ("recurrent", "chunk") for op in first_wave},
+        **{op: ("recurrent",) for op in ("dplr", "recurrent_delta_rule", "srwm")},
+    }
+    assert set(info.step_ops) == {*first_wave, "dplr", "recurrent_delta_rule", "srwm"}
     assert info.priority > next(b.priority for b in list_backends() if b.name == "reference")
     call = random_call("delta_rule", length=2)
     args, kwargs = call.arguments()
