@@ -65,7 +65,7 @@ def _scores(X: Array, Y: Array, Gm: Array, m: int, strict: bool) -> Array:
 
 
 @jit()
-def _scores_vjp(dM: Array, X: Array, Y: Array, Gm: Array, m: int, strict: bool) -> tuple:  # type: ignore[type-arg]
+def _scores_vjp(dM: Array, X: Array, Y: Array, Gm: Array, m: int, strict: bool) -> tuple:
     """``(dX, dY)`` for :func:`_scores` given ``dM`` (only its visible pairs are read)."""
     per_key = Gm.shape[2] != 1
     K = X.shape[1]
