@@ -62,11 +62,13 @@ def vjp(
     grouped value heads and per packed sequence. They are computed in closed form by a reverse
     sweep of the form the forward ran (recurrent, or chunkwise for the chunk and parallel
     forms) that keeps the inputs and the states at chunk boundaries only and recomputes inside
-    each chunk: memory ``O(B T H (K + V) + T / chunk_size * N HV K V)``. The backend that ran
-    the forward computes them if it can (:attr:`fastweights.plan`'s ``gradient`` says which),
-    else the reference backend. A log-decay of ``-inf`` (a reset) has gradient 0.
+    each chunk: memory ``O(B T HV (K + V + C) + T / C * N HV K V)`` (``C`` the chunk size).
+    The backend that ran the forward computes them if it can (the ``gradient`` of
+    :func:`fastweights.plan` says which), else the reference backend. A log-decay of ``-inf`` (a reset) has gradient 0.
 
-    ``op`` is a public op (``fastweights.gated_delta_rule``) or its name. ``state_pool`` and
+    The pullback reads the arguments when it is called (it keeps references, not copies):
+    update parameters in place only after the backward pass. ``op`` is a public op
+    (``fastweights.gated_delta_rule``) or its name. ``state_pool`` and
     ``output_state_snapshots`` are not differentiable (``ValueError``); ``final_state`` is
     always returned.
 
