@@ -64,7 +64,8 @@ def vjp(
     forms) that keeps the inputs and the states at chunk boundaries only and recomputes inside
     each chunk: memory ``O(B T HV (K + V + C) + T / C * N HV K V)`` (``C`` the chunk size).
     The backend that ran the forward computes them if it can (the ``gradient`` of
-    :func:`fastweights.plan` says which), else the reference backend. A log-decay of ``-inf`` (a reset) has gradient 0.
+    :func:`fastweights.plan` says which), else the reference backend. A log-decay of
+    ``-inf`` (a reset) has gradient 0.
 
     The pullback reads the arguments when it is called (it keeps references, not copies):
     update parameters in place only after the backward pass. ``op`` is a public op
