@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from . import _api
 from ._ops import RULES
 from ._registry import gradient_backend, select
 from ._validate import validate
@@ -86,7 +87,7 @@ def vjp(
     """
     name = _op_name(op)
     rule = RULES[name]
-    public = getattr(__import__("fastweights"), name)
+    public = getattr(_api, name)
     bound = inspect.signature(public).bind(*args, backend=backend, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
